@@ -1,0 +1,1 @@
+"""The ETL service: dataset build jobs over REST (``snap2caption serve etl``, port 8003)."""

@@ -1,0 +1,1 @@
+"""Datasets: synthetic scenes, readers for the real formats, and the offline ETL."""

@@ -1,0 +1,213 @@
+"""A caption model as a self-contained folder: weights, resolved config, tokenizer and a hash manifest.
+
+Layout::
+
+    model.safetensors   every tensor of the model (encoder, mapping, decoder), float as trained
+    config.json         {"format", "format_version", "model": resolved CaptionConfig, "preprocess",
+                         "tokenizer": special ids and size, "lora_merged", "extra"}
+    tokenizer.json      the CaptionTokenizer
+    MANIFEST.json       sha256 and size of every other file in the folder
+
+LoRA adapters are always merged into the decoder before saving, so the weights are a plain GPT-2 and
+serving needs neither peft nor the base checkpoint; ``config.json``'s ``lora`` section records how the model
+was trained and ``lora_merged`` whether adapters were folded in. Loading rebuilds the architecture from
+``config.json`` alone with random init (no hub, no torchvision download, even for a ``paper`` config whose
+weights first came from the hub) and then fills every tensor from ``model.safetensors``. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from snap2caption.errors import Snap2CaptionError
+from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption import CaptionConfig, CaptionModel
+from snap2caption.models.tokenizer import TOKENIZER_FILE, CaptionTokenizer
+
+FORMAT = "snap2caption.caption_model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "MANIFEST.json"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+# GPT-2 ties its output projection to the token embedding: stored once, as the embedding.
+_TIED_KEY = "decoder.lm_head.weight"
+_TIED_TO = "decoder.transformer.wte.weight"
+
+
+class ArtifactError(Snap2CaptionError):
+    """An artifact folder is incomplete, tampered with, or not a caption model of a known format."""
+
+    code = "invalid_artifact"
+    status = 500
+
+
+def save_caption_model(
+    model: CaptionModel,
+    tokenizer: CaptionTokenizer,
+    directory: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model, its tokenizer and resolved config as an artifact folder.
+
+    The model is not modified: with LoRA active, a merged copy of the decoder is what gets saved.
+
+    Args:
+        model: The model.
+        tokenizer: Its tokenizer (must match ``model.tokenizer``).
+        directory: Target folder, created if needed; files of the same names are replaced.
+        extra: JSON-serialisable facts to keep with the model (data version, metrics, git commit).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: The tokenizer does not match the model's.
+    """
+    if tokenizer.describe() != model.tokenizer.describe():
+        raise ValueError(f"tokenizer {tokenizer.describe()} is not the model's {model.tokenizer.describe()}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written folder must not verify
+    save_file(export_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    tokenizer.save(out)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "preprocess": model.preprocess.to_dict(),
+        "tokenizer": tokenizer.describe(),
+        "lora_merged": model.lora_active,
+        "extra": extra or {},
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_manifest(out)
+    return out
+
+
+def load_caption_model(
+    directory: str | os.PathLike[str], *, verify: bool = True, device: str | torch.device = "cpu"
+) -> tuple[CaptionModel, CaptionTokenizer]:
+    """Rebuild a model from its artifact folder alone, offline.
+
+    Args:
+        directory: A folder written by :func:`save_caption_model`.
+        verify: Check every file against ``MANIFEST.json`` first.
+        device: Where to put the weights.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode with the saved preprocessing.
+
+    Raises:
+        ArtifactError: Missing or tampered files, an unknown format, or weights that do not fit the config.
+    """
+    folder = Path(directory)
+    if verify:
+        verify_artifact(folder)
+    info = read_artifact_info(folder)
+    config = CaptionConfig.from_dict(info["model"])
+    tokenizer = CaptionTokenizer.load(folder)
+    if tokenizer.describe() != info["tokenizer"]:
+        raise ArtifactError(
+            f"{folder}: tokenizer {tokenizer.describe()} does not match config {info['tokenizer']}"
+        )
+    # Saved weights are always merged, so the architecture is built without adapters.
+    model = CaptionModel(config, tokenizer, load_pretrained=False, apply_lora=False)
+    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    if _TIED_KEY not in state and _TIED_TO in state:
+        state[_TIED_KEY] = state[_TIED_TO]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{folder}: weights do not fit the config: {len(missing)} missing {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}"
+        )
+    model.preprocess = Preprocess.from_dict(info["preprocess"])
+    return model.to(device).eval(), tokenizer
+
+
+def export_state_dict(model: CaptionModel) -> dict[str, Tensor]:
+    """Every tensor of the model on CPU, LoRA merged (in a copy), the tied output projection stored once."""
+    decoder = copy.deepcopy(model.decoder).merge_and_unload() if model.lora_active else model.decoder
+    state: dict[str, Tensor] = {}
+    for prefix, module in (("encoder", model.encoder), ("mapping", model.mapping), ("decoder", decoder)):
+        for key, value in module.state_dict().items():
+            state[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
+    if _TIED_KEY in state and state[_TIED_KEY].data_ptr() == state[_TIED_TO].data_ptr():
+        del state[_TIED_KEY]
+    return state
+
+
+def read_artifact_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """``config.json`` of an artifact, its format checked (no verification of hashes)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a {FORMAT} artifact")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {info.get('format_version')} is not {FORMAT_VERSION}")
+    return info
+
+
+def write_manifest(directory: str | os.PathLike[str]) -> Path:
+    """Hash every file in the folder (recursively, except the manifest) into ``MANIFEST.json``.
+
+    Call it again after adding files to an artifact (an ONNX export, a model card).
+    """
+    folder = Path(directory)
+    files = {
+        path.relative_to(folder).as_posix(): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    manifest = folder / MANIFEST_FILE
+    manifest.write_text(json.dumps({"files": files}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def verify_artifact(directory: str | os.PathLike[str]) -> None:
+    """Check every file listed in ``MANIFEST.json`` against its size and sha256.
+
+    Raises:
+        ArtifactError: No manifest, a required file not listed, a listed file missing, or a hash mismatch.
+    """
+    folder = Path(directory)
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{folder}: no readable {MANIFEST_FILE} (incomplete artifact?): {exc}") from exc
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        raise ArtifactError(f"{folder}: {MANIFEST_FILE} does not list {unlisted}")
+    for name, entry in files.items():
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise ArtifactError(f"{folder}: {MANIFEST_FILE} names a path outside the artifact: {name!r}")
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: {name} is listed in {MANIFEST_FILE} but missing")
+        actual = _sha256(path)
+        if actual != entry.get("sha256") or path.stat().st_size != entry.get("bytes"):
+            raise ArtifactError(
+                f"{folder}: {name} was modified after saving (sha256 {actual[:12]}..., "
+                f"manifest says {str(entry.get('sha256'))[:12]}...)"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

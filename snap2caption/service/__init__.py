@@ -1,0 +1,40 @@
+"""FastAPI plumbing every Snap2Caption service shares.
+
+Build a service's app with :func:`create_app` and serve it with :func:`run`::
+
+    app = create_app("captioner", __version__, lifespan=lifespan, ready_check=ready, routers=[router])
+    run("services.captioner.app:create_app", Settings())
+
+Routes declare ``response_model`` and document their errors with :func:`error_responses`; raising any
+``snap2caption.errors.Snap2CaptionError`` gives the envelope with its status and code.
+"""
+
+from __future__ import annotations
+
+from snap2caption.service.app import Readiness, ReadyCheck, create_app
+from snap2caption.service.errors import error_json, retry_after_header
+from snap2caption.service.middleware import REQUEST_ID_HEADER
+from snap2caption.service.schemas import (
+    ErrorBody,
+    ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
+    error_responses,
+)
+from snap2caption.service.server import ServiceSettings, run
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "ErrorBody",
+    "ErrorResponse",
+    "HealthResponse",
+    "Readiness",
+    "ReadyCheck",
+    "ReadyResponse",
+    "ServiceSettings",
+    "create_app",
+    "error_json",
+    "error_responses",
+    "retry_after_header",
+    "run",
+]

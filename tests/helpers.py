@@ -1,0 +1,136 @@
+"""Helpers for tests that run real service processes on loopback (any service, not only the ETL).
+
+Fixtures built on these live in ``tests/conftest.py``; import these directly as ``tests.helpers``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
+    """Call ``probe`` until it returns something other than ``None`` (or falsy), then return that.
+
+    Raises:
+        TimeoutError: After ``timeout_s``, naming ``what`` was awaited.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class ServiceProcess:
+    """One ``snap2caption serve <name>`` process on a loopback port, its log in a file.
+
+    Args:
+        name: Service name, as ``snap2caption serve`` knows it.
+        log_path: Where stdout and stderr go.
+        env: Extra environment (settings such as ``SNAP2CAPTION_ETL_DB_URL``).
+        port: Port to bind; a free one when omitted.
+        cwd: Working directory of the process.
+        args: Extra command-line arguments after ``--port``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        cwd: Path | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.cwd = cwd
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.args = [*args]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout_s: float = 30.0) -> ServiceProcess:
+        """Start the process and wait until ``/readyz`` answers 200."""
+        command = [
+            sys.executable,
+            "-m",
+            "snap2caption",
+            "serve",
+            self.name,
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
+        try:
+            wait_for(self._ready, ready_timeout_s, f"{self.name} /readyz on {self.url}")
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"{self.name} did not become ready; log:\n{self.log()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}; log:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def client(self, timeout_s: float = 10.0) -> httpx.Client:
+        """An HTTP client bound to this service."""
+        return httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, wait for a graceful exit (SIGKILL after ``timeout_s``); return the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; no cleanup runs in the service."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self) -> str:
+        """Everything the process has logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
