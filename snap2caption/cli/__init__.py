@@ -10,8 +10,11 @@ import click
 
 from snap2caption import __version__
 from snap2caption.cli.data import data
+from snap2caption.cli.eval import eval_group
+from snap2caption.cli.export import export_group
 from snap2caption.cli.registry import registry
 from snap2caption.cli.serve import serve
+from snap2caption.cli.train import train_group
 from snap2caption.cli.up import up
 from snap2caption.logs import configure_logging
 
@@ -28,3 +31,6 @@ main.add_command(data)
 main.add_command(registry)
 main.add_command(serve)
 main.add_command(up)
+main.add_command(train_group)
+main.add_command(eval_group)
+main.add_command(export_group)
