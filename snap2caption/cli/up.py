@@ -21,8 +21,8 @@ def _build_data(root: Path) -> None:
     """Run the DVC pipeline (synth -> etl); a second run is a no-op that takes a second or two."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     if (root / "dvc.yaml").exists() and (root / ".dvc").is_dir() and Path(dvc).exists():
-        click.echo("== data: dvc repro (synthetic scenes -> ETL)")
-        subprocess.run([dvc, "repro"], cwd=root, check=True)
+        click.echo("== data: dvc repro etl (synthetic scenes -> ETL)")
+        subprocess.run([dvc, "repro", "etl"], cwd=root, check=True)
         return
     # Outside a DVC checkout (an installed package), run the same stages directly.
     from snap2caption.data.etl import EtlConfig, run_etl
