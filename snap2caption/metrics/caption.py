@@ -5,7 +5,8 @@ Two backends compute the coco-caption numbers that captioning papers report:
 * ``"pycocoevalcap"``: the reference implementation. Captions are tokenized by its Stanford
   PTBTokenizer jar, scored by its Bleu/Rouge/Cider classes, and METEOR 1.5 runs in its jar. Needs
   the ``train`` extra and a working ``java``.
-* ``"python"``: no Java. :mod:`snap2caption.metrics.tokenizer` reproduces the jar's tokens, and
+* ``"python"``: no Java. :mod:`snap2caption.metrics.tokenizer` (written independently) gives the
+  jar's tokens on ordinary captions (its docstring lists where they differ), and
   :mod:`~snap2caption.metrics.bleu`, :mod:`~snap2caption.metrics.rouge` and
   :mod:`~snap2caption.metrics.cider` reproduce the scorers (same clipping, closest reference
   length, beta, sigma, idf and x10 scale, same float operation order). METEOR has no pure-Python
