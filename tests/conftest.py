@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,27 @@ from typing import Any
 import pytest
 
 from tests.helpers import ServiceProcess
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow SQLite database file to copy for each registry a test needs.
+
+    MLflow's first migration takes seconds, so the file is kept in pytest's cache per MLflow version:
+    only the first run on a machine pays for it, and an MLflow upgrade gets a fresh one.
+    """
+    import mlflow
+
+    from snap2caption.registry import Registry
+
+    cached = pytestconfig.cache.mkdir(f"mlflow-{mlflow.__version__}-empty-db") / "mlflow.db"
+    if not cached.is_file():
+        db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+        Registry(f"sqlite:///{db}")
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        tmp.replace(cached)  # atomic: a concurrent run never copies half a file
+    return cached
 
 
 @pytest.fixture()

@@ -22,3 +22,30 @@ def etl(host: str | None, port: int | None) -> None:
 
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     run("services.etl.app:create_app", Settings(**overrides))
+
+
+@serve.command("captioner")
+@click.option(
+    "--host", default=None, help="Bind address [default: SNAP2CAPTION_CAPTIONER_HOST or 127.0.0.1]."
+)
+@click.option("--port", type=int, default=None, help="Port [default: SNAP2CAPTION_CAPTIONER_PORT or 8001].")
+def captioner(host: str | None, port: int | None) -> None:
+    """The captioner: POST /v1/caption (settings from SNAP2CAPTION_CAPTIONER_*, model from the registry)."""
+    from services.captioner.config import Settings
+    from snap2caption.service import run
+
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    run("services.captioner.app:create_app", Settings(**overrides))
+
+
+@serve.command("detector")
+@click.option("--host", default=None, help="Bind address [default: SNAP2CAPTION_DETECTOR_HOST or 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default: SNAP2CAPTION_DETECTOR_PORT or 8002].")
+def detector(host: str | None, port: int | None) -> None:
+    """The detector: POST /v1/detect and /v1/tags (settings from SNAP2CAPTION_DETECTOR_*, models from the
+    registry)."""
+    from services.detector.config import Settings
+    from snap2caption.service import run
+
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    run("services.detector.app:create_app", Settings(**overrides))

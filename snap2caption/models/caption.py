@@ -15,32 +15,24 @@ caption tokens ``w_1 .. <eos>`` are predicted; prefix, BOS and padding positions
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import math
 import os
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from snap2caption.config import ConfigError, apply_overrides, dotted_keys, load_yaml_section
+from snap2caption.config import from_dict as config_from_dict
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.backbones import build_encoder
 from snap2caption.models.tokenizer import CaptionTokenizer
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, a value has the wrong type, or the values contradict each other."""
-
 
 # ============================================================================================= config
 
@@ -258,7 +250,7 @@ class CaptionConfig:
         Raises:
             ConfigError: An unknown key (with the nearest valid key suggested) or a value of the wrong type.
         """
-        return _build(cls, data, "")
+        return config_from_dict(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CaptionConfig:
@@ -275,34 +267,13 @@ class CaptionConfig:
         Raises:
             ConfigError: No ``model`` section, an unknown key, or a bad value.
         """
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-            raise ConfigError(f"{path}: expected a top-level 'model:' mapping")
-        return cls.from_dict(_apply_overrides(raw["model"], overrides, _dotted_keys(cls)))
+        data = load_yaml_section(path, "model")
+        return cls.from_dict(apply_overrides(data, overrides, dotted_keys(cls), strip_prefix="model."))
 
     def with_overrides(self, overrides: Sequence[str]) -> CaptionConfig:
         """A copy with ``key=value`` overrides applied (see :meth:`from_yaml`)."""
-        return type(self).from_dict(_apply_overrides(self.to_dict(), overrides, _dotted_keys(type(self))))
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Sequence[str], valid: Sequence[str]) -> dict[str, Any]:
-    """A deep copy of nested ``data`` with each ``"a.b=value"`` set; the value is parsed as YAML."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().removeprefix("model.")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        if key not in valid:
-            raise ConfigError(_unknown_key_message(key, valid))
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"cannot set {key}: {part} is not a mapping")
-        node[leaf] = yaml.safe_load(text) if text.strip() else ""
-    return data
+        valid = dotted_keys(type(self))
+        return type(self).from_dict(apply_overrides(self.to_dict(), overrides, valid, strip_prefix="model."))
 
 
 def _decoding_problems(s: DecodingConfig) -> list[str]:
@@ -316,97 +287,6 @@ def _decoding_problems(s: DecodingConfig) -> list[str]:
     if not 0 <= s.min_new_tokens <= s.max_new_tokens:
         problems.append(f"decoding.min_new_tokens must be in [0, max_new_tokens], got {s.min_new_tokens}")
     return problems
-
-
-def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every settable key of a (nested) config dataclass, dotted: ``["prefix_len", "encoder.name", ...]``."""
-    keys = []
-    for name, tp in get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += _dotted_keys(cast(type, tp), f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def _unknown_key_message(key: str, valid: Sequence[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
-    return f"unknown config key {key!r} ({hint})"
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate config dataclass ``cls`` from ``data``, checking keys and types recursively."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
-    unknown = [k for k in data if k not in hints]
-    if unknown:
-        raise ConfigError(_unknown_key_message(prefix + str(unknown[0]), _dotted_keys(cls, prefix)))
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(cast(type, tp), value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` (parsed YAML) against type ``tp`` and convert where lossless; raise ConfigError."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
-        return value
-    if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{key} may not be null")
-        # bool first: YAML true/false must stay booleans in `bool | str`.
-        for option in sorted((o for o in options if o is not type(None)), key=lambda o: o is not bool):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a {tp}")
-    if origin is list:
-        (item_tp,) = get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in the dataclasses
 
 
 # ============================================================================================ mapping

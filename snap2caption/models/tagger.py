@@ -115,6 +115,41 @@ class TaggerNet(nn.Module):
         return self.encoder.classify(self.encoder(pixels))  # (B, C, h, w) grid -> (B, num_classes)
 
 
+def tags_from_logits(
+    logits: Tensor | np.ndarray,
+    labels: Sequence[str],
+    names: Sequence[str],
+    hashtags: Sequence[str],
+    top_k: int = 5,
+    min_score: float = 0.0,
+) -> list[list[Tag]]:
+    """Classifier logits -> tags; shared by :class:`Tagger` and the ONNX Runtime tagger.
+
+    See :meth:`Tagger.from_logits`; ``labels``, ``names`` and ``hashtags`` are per class, in output order.
+    """
+    num_classes = len(labels)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    scores = torch.as_tensor(logits, dtype=torch.float32).cpu()
+    if scores.ndim != 2 or scores.shape[1] != num_classes:
+        raise ValueError(f"logits must be (N, {num_classes}), got {tuple(scores.shape)}")
+    probs, order = torch.sort(torch.softmax(scores, dim=1), dim=1, descending=True)  # (N, C) each
+    results: list[list[Tag]] = []
+    for row_probs, row_order in zip(probs.tolist(), order.tolist(), strict=True):
+        tags: list[Tag] = []
+        seen: set[str] = set()
+        for score, index in zip(row_probs, row_order, strict=True):
+            if score < min_score or len(tags) == top_k:
+                break
+            name = names[index]
+            if name in seen:  # a better-scoring class already gave this name
+                continue
+            seen.add(name)
+            tags.append(Tag(labels[index], name, score, hashtags[index], index))
+        results.append(tags)
+    return results
+
+
 class Tagger:
     """Tags images with classifier classes, their readable names and hashtags.
 
@@ -196,26 +231,9 @@ class Tagger:
         Returns:
             For each image, tags sorted by score, best first.
         """
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scores = torch.as_tensor(logits, dtype=torch.float32).cpu()
-        if scores.ndim != 2 or scores.shape[1] != self.num_classes:
-            raise ValueError(f"logits must be (N, {self.num_classes}), got {tuple(scores.shape)}")
-        probs, order = torch.sort(torch.softmax(scores, dim=1), dim=1, descending=True)  # (N, C) each
-        results: list[list[Tag]] = []
-        for row_probs, row_order in zip(probs.tolist(), order.tolist(), strict=True):
-            tags: list[Tag] = []
-            seen: set[str] = set()
-            for score, index in zip(row_probs, row_order, strict=True):
-                if score < min_score or len(tags) == top_k:
-                    break
-                name = self.names[index]
-                if name in seen:  # a better-scoring class already gave this name
-                    continue
-                seen.add(name)
-                tags.append(Tag(self.labels[index], name, score, self.hashtags[index], index))
-            results.append(tags)
-        return results
+        return tags_from_logits(
+            logits, self.labels, self.names, self.hashtags, top_k=top_k, min_score=min_score
+        )
 
     def config(self) -> TaggerConfig:
         """The config saved next to the weights."""

@@ -170,7 +170,10 @@ def _document_errors_as_400(app: FastAPI) -> None:
             for path_item in schema.get("paths", {}).values():
                 for operation in path_item.values():
                     responses = operation.get("responses", {})
-                    if responses.pop("422", None) is not None:
+                    # Only FastAPI's own validation-error 422 becomes 400; a route's documented 422
+                    # (e.g. `corrupt_image`, in the envelope) stays.
+                    if "HTTPValidationError" in str(responses.get("422", "")):
+                        del responses["422"]
                         responses.setdefault("400", _error_ref(_BAD_REQUEST))
             components = schema.get("components", {}).get("schemas", {})
             components.pop("HTTPValidationError", None)

@@ -1,7 +1,8 @@
 """Registry client against a real MLflow SQLite registry in a temporary folder.
 
-MLflow's first database migration takes seconds, so the module migrates one template database and
-copies the file for every registry it needs; tests share one registry and keep apart by model name.
+MLflow's first database migration takes seconds, so the tests copy the migrated template database of
+``tests/conftest.py`` (``mlflow_template_db``) for every registry they need; they share one registry and
+keep apart by model name.
 """
 
 from __future__ import annotations
@@ -37,25 +38,6 @@ from snap2caption.registry import (
 CAPTION_GATE = Gate("test_cider_d", higher_is_better=True, default_margin=0.05)
 
 
-@pytest.fixture(scope="module")
-def template_db(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty MLflow database file to copy.
-
-    Kept in pytest's cache per MLflow version, so only the first run on a machine pays for the
-    migration; an MLflow upgrade gets a fresh one.
-    """
-    import mlflow
-
-    cached = pytestconfig.cache.mkdir(f"mlflow-{mlflow.__version__}-empty-db") / "mlflow.db"
-    if not cached.is_file():
-        db = tmp_path_factory.mktemp("template") / "mlflow.db"
-        Registry(f"sqlite:///{db}")
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(db, tmp)
-        tmp.replace(cached)  # atomic: a concurrent run never copies half a file
-    return cached
-
-
 def _copy_db(template: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     db = folder / "mlflow.db"
@@ -64,8 +46,8 @@ def _copy_db(template: Path, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registry(template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    db = _copy_db(template_db, tmp_path_factory.mktemp("shared"))
+def registry(mlflow_template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    db = _copy_db(mlflow_template_db, tmp_path_factory.mktemp("shared"))
     return Registry(f"sqlite:///{db}")
 
 
@@ -370,11 +352,11 @@ def test_cli_list_show_promote_refusal_and_rollback(registry: Registry, tmp_path
 
 
 def test_tracking_uri_env_is_honoured(
-    template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow import MlflowClient
 
-    db = _copy_db(template_db, tmp_path / "elsewhere")
+    db = _copy_db(mlflow_template_db, tmp_path / "elsewhere")
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     reg = Registry()
@@ -388,10 +370,10 @@ def test_tracking_uri_env_is_honoured(
 
 
 def test_default_is_sqlite_under_home_with_local_artifacts(
-    template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = tmp_path / "home"
-    _copy_db(template_db, home / "mlflow")  # skip a second migration; the file is what matters
+    _copy_db(mlflow_template_db, home / "mlflow")  # skip a second migration; the file is what matters
     monkeypatch.setenv("SNAP2CAPTION_HOME", str(home))
     monkeypatch.chdir(tmp_path)
     reg = Registry()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SMALL_IMAGES = 8
-BIG_IMAGES = 120  # enough that a job on one core decodes for a second or more
+BIG_IMAGES = 500  # enough that a job on one idle core decodes for a second or more
 CORRUPT = "000000000003.jpg"
 
 

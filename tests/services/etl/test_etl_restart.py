@@ -79,7 +79,14 @@ def job_processes(cwd: Path) -> list[int]:
 def test_no_job_is_lost_to_a_crash_or_a_clean_shutdown(
     start_service: Callable[..., ServiceProcess], data_root: Path, tmp_path: Path
 ) -> None:
-    env = etl_env(data_root, tmp_path / "jobs.sqlite", max_queued_jobs=1, shutdown_grace_s=0, retry_after_s=7)
+    env = etl_env(
+        data_root,
+        tmp_path / "jobs.sqlite",
+        max_queued_jobs=1,
+        shutdown_grace_s=0,
+        retry_after_s=7,
+        progress_interval_s=0.05,
+    )
 
     # 1. A small job finishes; a big one is killed -9 with its service, mid-decode.
     first = start_service("etl", env=env, cwd=tmp_path)

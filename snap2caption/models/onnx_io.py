@@ -1,0 +1,85 @@
+"""ONNX files as self-describing model files: metadata in ``metadata_props``, CPU sessions, int8 variants.
+
+Every ONNX file this project writes carries what a runtime needs besides the graph (class names, input
+size, normalisation, letterbox, ...) as JSON strings in the model's ``metadata_props``, so a service can
+check that the file it loaded is the one it expects. ONNX Runtime reads them back without the ``onnx``
+package (:func:`session_metadata`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+METADATA_FORMAT_KEY = "snap2caption.format"
+
+
+def set_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
+    """Write ``metadata`` into the ``metadata_props`` of the ONNX file at ``path`` (in place).
+
+    Strings are stored as they are, anything else as JSON; existing keys of the same name are replaced.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    kept = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict of strings (JSON values left encoded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads, one inter-op thread, no spin-waiting.
+
+    Spinning is off because the cores are shared (other services, other models): a spinning thread burns
+    time another process needs.
+    """
+    import onnxruntime as ort
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def cpu_session(
+    path: str | Path, *, threads: int = 1, options: onnxruntime.SessionOptions | None = None
+) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session on the CPU execution provider.
+
+    Args:
+        path: The ONNX file.
+        threads: Intra-op threads (ignored when ``options`` is given).
+        options: Session options to use as they are (e.g. a service's own).
+    """
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        str(path), sess_options=options or session_options(threads), providers=["CPUExecutionProvider"]
+    )
+
+
+def session_metadata(session: onnxruntime.InferenceSession) -> dict[str, str]:
+    """The ``metadata_props`` of the model a session runs."""
+    return dict(session.get_modelmeta().custom_metadata_map)

@@ -1,0 +1,93 @@
+"""Fixtures for the caption training tests: a small synthetic dataset through the real ETL, made once per
+session, and MLflow registries in SQLite files under pytest's temporary folders.
+
+Everything runs the ``tiny`` preset (a 3-conv encoder at 64 px and a 2-layer 32-wide GPT-2) on one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from snap2caption.registry import Registry
+from training.caption.config import CaptionRunConfig
+
+# 72 scenes -> about 58 train / 7 val / 7 test images after the ETL's hash split, 5 captions each.
+N_IMAGES = 72
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny tensors, and OpenMP barriers stall when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def caption_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ETL output (manifests, resized images) of a small synthetic shapes benchmark."""
+    from snap2caption.data.etl import EtlConfig, run_etl
+    from snap2caption.data.synth import SynthConfig, write_synth
+
+    root = tmp_path_factory.mktemp("caption_data")
+    write_synth(
+        root / "synth", SynthConfig(images=N_IMAGES, seed=3, image_size=96, workers=1), progress=False
+    )
+    out = root / "processed"
+    run_etl(
+        EtlConfig(
+            source="coco",
+            images=root / "synth" / "images",
+            annotations=[root / "synth" / "annotations" / "captions.json"],
+            out=out,
+            workers=1,
+        ),
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def template_db(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow database to copy (MLflow's first migration takes seconds).
+
+    Cached per MLflow version in pytest's cache, as in ``tests/snap2caption/test_registry.py``.
+    """
+    import mlflow
+
+    cached = pytestconfig.cache.mkdir(f"mlflow-{mlflow.__version__}-empty-db") / "mlflow.db"
+    if not cached.is_file():
+        db = tmp_path_factory.mktemp("template") / "mlflow.db"
+        Registry(f"sqlite:///{db}")
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(db, tmp)
+        tmp.replace(cached)
+    return cached
+
+
+def new_registry(template: Path, folder: Path) -> Registry:
+    """A registry on a fresh copy of the template database, artifacts beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return Registry(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+@pytest.fixture()
+def registry(template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A registry of this test's own; ``MLFLOW_TRACKING_URI`` points at it too (for the CLI)."""
+    reg = new_registry(template_db, tmp_path / "mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.tracking_uri)
+    monkeypatch.setenv("SNAP2CAPTION_HOME", str(tmp_path / "home"))
+    return reg
+
+
+def tiny(*overrides: str) -> CaptionRunConfig:
+    """The tiny preset with overrides."""
+    return CaptionRunConfig.load("tiny", overrides)

@@ -1,0 +1,138 @@
+"""Cached encoder features: reused when the key matches, never when encoder, manifest or index differ."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from snap2caption.cli import main
+from snap2caption.models.backbones import build_encoder
+from training.caption import features as features_module
+from training.caption.data import SplitData, manifest_path
+from training.caption.features import FeatureKey, cached_features, encoder_fingerprint
+
+
+def _encoder(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_encoder("tiny", trainable="none")
+
+
+@pytest.fixture()
+def count_extractions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = features_module.extract_features
+
+    def counting(encoder, split, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(split.name)
+        return real(encoder, split, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_features", counting)
+    return calls
+
+
+def test_cache_is_reused_only_for_the_same_key(
+    caption_data: Path, tmp_path: Path, count_extractions: list[str]
+) -> None:
+    val = SplitData.load(caption_data, "val")
+    encoder = _encoder(0)
+    first = cached_features(encoder, val, tmp_path, progress=False)
+    assert first.shape == (len(val), 32, 8, 8) and first.dtype == torch.float16
+    again = cached_features(encoder, val, tmp_path, progress=False)
+    assert torch.equal(first, again) and count_extractions == ["val"]
+    # Same encoder rebuilt from the same seed: same weights, same key.
+    cached_features(_encoder(0), val, tmp_path, progress=False)
+    assert count_extractions == ["val"]
+    # Other weights: another key; the stale entry of this split is removed.
+    other = cached_features(_encoder(1), val, tmp_path, progress=False)
+    assert count_extractions == ["val", "val"] and not torch.equal(first, other)
+    assert len(list((tmp_path / "tiny").glob("val-*.safetensors"))) == 1
+    # Another dtype: another key.
+    assert cached_features(_encoder(1), val, tmp_path, dtype="float32", progress=False).dtype == torch.float32
+
+
+def test_a_changed_manifest_invalidates_the_cache(
+    caption_data: Path, tmp_path: Path, count_extractions: list[str]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(caption_data, data)
+    encoder = _encoder(0)
+    cached_features(encoder, SplitData.load(data, "val"), tmp_path / "cache", progress=False)
+    table = pq.read_table(manifest_path(data, "val"))
+    pq.write_table(table.slice(1), manifest_path(data, "val"))  # one image fewer
+    shorter = SplitData.load(data, "val")
+    result = cached_features(encoder, shorter, tmp_path / "cache", progress=False)
+    assert result.shape[0] == len(shorter) == table.num_rows - 1
+    assert count_extractions == ["val", "val"]
+
+
+def test_an_index_that_does_not_match_is_never_trusted(
+    caption_data: Path, tmp_path: Path, count_extractions: list[str]
+) -> None:
+    val = SplitData.load(caption_data, "val")
+    encoder = _encoder(0)
+    cached_features(encoder, val, tmp_path, progress=False)
+    key = FeatureKey(
+        "tiny",
+        encoder_fingerprint(encoder),
+        encoder.preprocess.to_dict(),
+        val.manifest_sha256,
+        "val",
+        "float16",
+    )
+    _, index_path = key.paths(tmp_path)
+    index = json.loads(index_path.read_text())
+    index["image_ids"] = list(reversed(index["image_ids"]))
+    index_path.write_text(json.dumps(index))
+    cached_features(encoder, val, tmp_path, progress=False)
+    assert count_extractions == ["val", "val"]
+
+
+def test_features_command_fills_the_cache_training_reads(caption_data: Path, tmp_path: Path) -> None:
+    args = [
+        "train",
+        "caption-features",
+        "--config",
+        "tiny",
+        "--data",
+        str(caption_data),
+        "--out",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(
+        main, [*args, "--splits", "val", "--no-progress", "model.encoder.trainable=none"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "val: features (" in result.output
+    # Training builds its encoder from the same seed first, so it finds these features.
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny", trainable="none")
+    val = SplitData.load(caption_data, "val")
+    key = FeatureKey(
+        "tiny",
+        encoder_fingerprint(encoder),
+        encoder.preprocess.to_dict(),
+        val.manifest_sha256,
+        "val",
+        "float16",
+    )
+    assert key.paths(tmp_path)[0].is_file()
+    learning = CliRunner().invoke(
+        main, [*args, "--out", str(tmp_path / "none"), "model.encoder.trainable=all"]
+    )
+    assert learning.exit_code == 0 and "no features to cache" in learning.output
+    assert list((tmp_path / "none").iterdir()) == []
+
+
+def test_onnxruntime_computes_the_same_features(caption_data: Path, tmp_path: Path) -> None:
+    val = SplitData.load(caption_data, "val")
+    encoder = _encoder(0)
+    options = {"dtype": "float32", "progress": False}
+    by_torch = cached_features(encoder, val, tmp_path / "torch", runtime="torch", **options)
+    by_onnx = cached_features(encoder, val, tmp_path / "onnx", runtime="onnxruntime", **options)
+    torch.testing.assert_close(by_onnx, by_torch, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,253 @@
+"""Typed config of a caption training run: the model (``model:``) and how to train it (``train:``).
+
+One YAML per preset under ``training/configs/caption/`` (``tiny``, ``starter``, ``paper``) holds both
+sections. ``key=value`` overrides take dotted keys, with or without the section (``train.lr=3e-4``,
+``lr=3e-4``, ``model.decoder.n_layer=2``, ``decoder.n_layer=2``); a bare key is looked up in ``train:``
+first, then in ``model:``. Unknown keys are refused with the nearest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from snap2caption.config import (
+    ConfigError,
+    dotted_keys,
+    from_dict,
+    load_yaml_section,
+    parse_override,
+    set_dotted,
+    unknown_key_message,
+)
+from snap2caption.models.caption import CaptionConfig
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "caption"
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class TrainConfig:
+    """How to train a caption model (the ``train:`` section of a preset).
+
+    Attributes:
+        batch_size: (image, caption) pairs per forward pass (one micro-batch).
+        grad_accum: Micro-batches per optimizer step; the effective batch is ``batch_size * grad_accum``.
+            The loss is the mean over the caption tokens of the whole effective batch, so ``k`` micro-batches
+            of ``b`` give the same update as one batch of ``k * b``.
+        lr: Peak learning rate (AdamW).
+        min_lr_ratio: The cosine schedule decays to ``lr * min_lr_ratio``.
+        weight_decay: AdamW weight decay, applied to matrices only (not to biases, LayerNorm or embeddings).
+        beta2: AdamW's second-moment decay (beta1 is 0.9).
+        warmup_steps: Linear warmup from 0 to ``lr`` over this many optimizer steps.
+        epochs: Passes over the training pairs (the schedule's length unless ``max_steps`` is set).
+        max_steps: Optimizer steps; 0 = ``epochs`` decide.
+        time_budget_min: Wall-clock budget of the whole run in minutes, feature extraction included
+            (0 = none). Training stops before the step that would overrun it, leaving ``reserve_min`` for
+            the final evaluation and saving; the cosine schedule then anneals to the deadline (whichever of
+            step and time progress is further), so a budgeted run ends at a low learning rate. A budget makes
+            the stopping step depend on the machine's speed: reproducibility tests use ``max_steps``.
+        reserve_min: Minutes of the budget kept for the final validation/test evaluation and the artifact.
+        precision: ``fp32``; ``bf16`` autocast (CUDA or CPU); ``fp16`` autocast with a gradient scaler
+            (CUDA only).
+        clip_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
+        checkpoint_every: Save a resumable checkpoint every this many optimizer steps (0 = only the last).
+        keep_checkpoints: How many checkpoints to keep (oldest deleted first).
+        eval_every: Score validation CIDEr-D every this many optimizer steps (0 = only at the end).
+        patience: Stop after this many validation scores without a new best (0 = never stop early). The
+            best-scoring weights are what the run saves, whether or not it stopped early.
+        seed: Seeds the weights, the data order and dropout; same seed, same run.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: Torch intra-op threads; 0 = the cores the load average leaves idle (at least 1). On a
+            shared machine two threads fighting other processes for two cores run slower than one: OpenMP
+            barriers wait for a descheduled thread (measured here: a starter step 3.2 s on 1 thread, 6.1 s
+            on 2, at load average 3 on 2 cores).
+        num_workers: DataLoader worker processes that decode images (pixel path and feature extraction).
+        feature_cache: With a frozen encoder, compute encoder features once per split and train on them
+            (cached as safetensors, keyed by encoder weights, preprocessing and manifest hash).
+        feature_dtype: How cached features are stored.
+        feature_batch_size: Images per encoder pass while extracting features.
+        feature_runtime: What runs the frozen encoder over the images on a CPU: ``torch``, or
+            ``onnxruntime`` (exported on the fly; about 3x faster for EfficientNet-Lite0 on a CPU).
+        captions_per_image: Reference captions per image used as training pairs (0 = all of them).
+        eval_max_images: Validation images scored at each evaluation (0 = all).
+        eval_batch_size: Images per batch when captioning for evaluation.
+        eval_num_beams: Beams when captioning for evaluation (0 = the model's ``decoding.num_beams``).
+        metrics_backend: Backend of the final test metrics (``auto``: pycocoevalcap with METEOR when Java
+            runs, else the pure-Python scorers without METEOR). In-training validation always uses the
+            Python scorers (CIDEr-D only, no JVM).
+        test_max_images: Test images scored at the end (0 = all).
+        num_samples: Image/reference/prediction triples kept with the metrics.
+        log_every: Log training metrics (loss, learning rate, images/s) every this many optimizer steps.
+    """
+
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    beta2: float = 0.99
+    warmup_steps: int = 50
+    epochs: int = 10
+    max_steps: int = 0
+    time_budget_min: float = 0.0
+    reserve_min: float = 0.5
+    precision: Precision = "fp32"
+    clip_grad_norm: float = 1.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    patience: int = 0
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    num_workers: int = 0
+    feature_cache: bool = True
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    feature_batch_size: int = 64
+    feature_runtime: Literal["torch", "onnxruntime"] = "torch"
+    captions_per_image: int = 0
+    eval_max_images: int = 200
+    eval_batch_size: int = 100
+    eval_num_beams: int = 0
+    metrics_backend: Literal["auto", "python", "pycocoevalcap"] = "auto"
+    test_max_images: int = 0
+    num_samples: int = 20
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "eval_batch_size",
+            "feature_batch_size",
+            "log_every",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = (
+            "max_steps", "warmup_steps", "checkpoint_every", "eval_every", "patience", "seed", "threads",
+            "num_workers", "captions_per_image", "eval_max_images", "eval_num_beams", "test_max_images",
+            "num_samples", "time_budget_min", "reserve_min", "clip_grad_norm", "weight_decay",
+        )  # fmt: skip
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            problems.append(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.beta2 < 1:
+            problems.append("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.beta2 in (0, 1)")
+        if self.time_budget_min and self.reserve_min >= self.time_budget_min:
+            problems.append("train.reserve_min must be below train.time_budget_min")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if problems:
+            raise ConfigError("invalid train config: " + "; ".join(problems))
+
+    @property
+    def effective_batch(self) -> int:
+        """Pairs per optimizer step."""
+        return self.batch_size * self.grad_accum
+
+
+@dataclass
+class CaptionRunConfig:
+    """A whole training run: what model, and how to train it. Stored with checkpoints and artifacts.
+
+    Attributes:
+        model: The model (architecture, tokenizer, decoding defaults).
+        train: The training settings.
+    """
+
+    model: CaptionConfig = field(default_factory=CaptionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def load(cls, config: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CaptionRunConfig:
+        """A preset name (``tiny``, ``starter``, ``paper``) or YAML path, plus ``key=value`` overrides.
+
+        Raises:
+            ConfigError: No such preset, a missing ``model:`` section, an unknown key (nearest suggested)
+                or a bad value.
+        """
+        path = preset_path(config)
+        data = {
+            "model": load_yaml_section(path, "model"),
+            "train": load_yaml_section(path, "train", required=False),
+        }
+        return cls.from_dict(apply_run_overrides(data, overrides))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaptionRunConfig:
+        """Build from ``{"model": {...}, "train": {...}}``; unknown keys are refused."""
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML-safe)."""
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: Sequence[str]) -> CaptionRunConfig:
+        """A copy with ``key=value`` overrides applied."""
+        return type(self).from_dict(apply_run_overrides(self.to_dict(), overrides))
+
+    def sha256(self) -> str:
+        """Hash of the resolved config (sorted JSON), to tag runs and compare checkpoints."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def preset_path(config: str | os.PathLike[str]) -> Path:
+    """``training/configs/caption/<name>.yaml`` for a preset name, else the path itself.
+
+    Raises:
+        ConfigError: Neither a preset nor an existing file (the nearest preset is suggested).
+    """
+    text = str(config)
+    preset = PRESETS_DIR / f"{text}.yaml"
+    if os.sep not in text and not text.endswith((".yaml", ".yml")) and preset.is_file():
+        return preset
+    path = Path(text)
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(unknown_key_message(text, names).replace("config key", "config preset or file"))
+
+
+def run_keys() -> list[str]:
+    """Every settable dotted key of a run config, section included (``train.lr``, ``model.lora.r``)."""
+    return dotted_keys(CaptionRunConfig)
+
+
+def apply_run_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of ``{"model": ..., "train": ...}`` with ``key=value`` overrides applied.
+
+    A key without a section is looked up in ``train`` first, then in ``model``.
+
+    Raises:
+        ConfigError: Not ``key=value``, or an unknown key (the nearest valid key is suggested).
+    """
+    data = copy.deepcopy(data)
+    valid = run_keys()
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in valid:
+            for section in ("train", "model"):
+                if f"{section}.{key}" in valid:
+                    key = f"{section}.{key}"
+                    break
+            else:
+                bare = [k.partition(".")[2] for k in valid]
+                raise ConfigError(unknown_key_message(key, [*valid, *bare]))
+        set_dotted(data, key, value)
+    return data

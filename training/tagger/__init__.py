@@ -1,0 +1,1 @@
+"""Tagger packaging: the pretrained ImageNet tagger as a registered artifact (ONNX, int8, model card)."""
