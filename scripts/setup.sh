@@ -28,7 +28,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, got {sys.version}"'
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# A venv left half-made (an interrupted first run) has no working pip: make it again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv
+  "$PYTHON" -m venv .venv
+fi
 
 stamp=.venv/.snap2caption-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $EXTRAS"
