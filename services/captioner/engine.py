@@ -30,8 +30,9 @@ from snap2caption.imaging import DecodeLimits, Preprocess, decode_image
 from snap2caption.models.caption import Caption
 from snap2caption.registry import ModelVersionInfo, Registry
 from snap2caption.service import Readiness
-from snap2caption.serving import Batched, MicroBatcher, ModelSource, ModelStore
+from snap2caption.serving import Batched, ModelSource
 from snap2caption.serving.inputs import prepare_images
+from snap2caption.serving.lane import ModelLane
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ class CaptionBackend(Protocol):
     """A caption model behind one runtime. Methods run on worker threads, never on the event loop.
 
     Attributes:
-        kind: Runtime name (``torch``, ``onnx``).
+        backend: Runtime name (``torch``, ``onnx``).
         spec: Input spec, from the artifact.
         defaults: The model's default decoding options.
         max_new_tokens_limit: Most new tokens the model's positions allow.
     """
 
-    kind: str
+    backend: str
     spec: InputSpec
     defaults: DecodeOptions
     max_new_tokens_limit: int
@@ -115,7 +116,7 @@ class CaptionBackend(Protocol):
 class TorchBackend:
     """:class:`~snap2caption.models.caption.CaptionModel` in PyTorch, eval mode, KV-cached decoding."""
 
-    kind = "torch"
+    backend = "torch"
 
     def __init__(self, folder: Path, image_max_side: int | None = None) -> None:
         from snap2caption.models.artifact import load_caption_model
@@ -142,7 +143,7 @@ class OnnxBackend(TorchBackend):
     each decoder step run as ONNX sessions, the decoding loop stays :meth:`CaptionModel.generate`'s, so
     greedy / beam search behave exactly as on torch (see ``snap2caption.models.caption_onnx``)."""
 
-    kind = "onnx"
+    backend = "onnx"
 
     def __init__(self, folder: Path, image_max_side: int | None = None, threads: int = 1) -> None:
         from snap2caption.models.caption_onnx import CaptionOnnx
@@ -227,24 +228,15 @@ class CaptionEngine:
     def __init__(self, settings: Settings, source_factory: Callable[[], ModelSource] | None = None) -> None:
         self.settings = settings
         self.limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self.store: ModelStore[CaptionBackend] = ModelStore(
+        self.lane: ModelLane[CaptionBackend, ImageItem, ImageCaption] = ModelLane(
             settings.model_name,
             settings.model_alias,
+            settings.backend,
             loader=self._load,
             warmup=warm_up,
+            batch_fn=self._run_batch,
+            settings=settings,
             source_factory=source_factory or (lambda: Registry(settings.tracking_uri)),
-            cache_dir=settings.model_cache_dir,
-            poll_interval_s=settings.poll_interval_s,
-        )
-        self.batcher: MicroBatcher[ImageItem, ImageCaption] = MicroBatcher(
-            settings.model_name,
-            self._run_batch,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            timeout_s=settings.request_timeout_s,
-            retry_after_s=settings.retry_after_s,
-            concurrency=settings.batch_concurrency,
         )
         self._decode_limiter = CapacityLimiter(settings.decode_threads)
 
@@ -260,29 +252,17 @@ class CaptionEngine:
 
     def start(self) -> None:
         """Start the batcher and the model watcher (the first load runs in the background)."""
-        self.batcher.start()
-        self.store.start()
+        self.lane.start()
 
     async def close(self, timeout_s: float) -> None:
         """Stop watching the registry, finish queued work (up to ``timeout_s``), stop the batcher."""
-        await self.store.close()
-        await self.batcher.close(timeout_s)
+        await self.lane.close(timeout_s)
 
     def readiness(self) -> Readiness:
         """Ready when a model is loaded and the batcher runs; the model's status either way."""
-        checks = {
-            **self.store.status(),
-            "backend": self.settings.backend,
-            "queue_depth": self.batcher.depth,
-            "running_batches": self.batcher.running_batches,
-        }
-        if self.store.current is None:
-            error = checks["last_load_error"] or checks["last_poll_error"]
-            reason = "model not loaded yet" + (f" ({error})" if error else "")
-            return Readiness(ready=False, checks=checks, reason=reason)
-        if not self.batcher.alive:
-            return Readiness(ready=False, checks=checks, reason="the batcher is not running")
-        return Readiness(ready=True, checks=checks)
+        checks = self.lane.status()
+        problem = self.lane.problem(checks)
+        return Readiness(ready=problem is None, checks=checks, reason=problem or "")
 
     # ------------------------------------------------------------------------------ requests
 
@@ -293,7 +273,7 @@ class CaptionEngine:
             NotReady: No model loaded yet.
             BadRequest: A value over the service's or the model's limit.
         """
-        backend = self.store.get().model
+        backend = self.lane.store.get().model
         limit = min(self.settings.max_new_tokens, backend.max_new_tokens_limit)
         beams = self.settings.max_beams
         if max_new_tokens is None:
@@ -314,7 +294,7 @@ class CaptionEngine:
             ImageError: The first refused image's error, its message prefixed with its position when
                 the request has several.
         """
-        spec = self.store.get().model.spec
+        spec = self.lane.store.get().model.spec
         pixels = await prepare_images(
             images, lambda data: prepare_image(data, spec, self.limits), self._decode_limiter
         )
@@ -328,7 +308,7 @@ class CaptionEngine:
         Raises:
             Overloaded: The queue is full (503). Timeout: ``deadline`` passed (504).
         """
-        batched: Batched[ImageCaption] = await self.batcher.submit(items, key=options, deadline=deadline)
+        batched: Batched[ImageCaption] = await self.lane.batcher.submit(items, key=options, deadline=deadline)
         version = batched.outputs[0].model_version
         return CaptionRun(
             batched.outputs, version, batched.queue_s, batched.inference_s, max(batched.batch_sizes)
@@ -337,7 +317,7 @@ class CaptionEngine:
     def _run_batch(self, items: list[ImageItem], options: object) -> list[ImageCaption]:
         """One model call (on the batcher's thread): every item on the model current at its start."""
         assert isinstance(options, DecodeOptions)
-        loaded = self.store.get()
+        loaded = self.lane.store.get()
         backend = loaded.model
         spec = backend.spec
         pixels = np.stack(

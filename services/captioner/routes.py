@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from services.captioner.engine import CaptionEngine
 from services.captioner.schemas import CaptionResponse, DecodeSettings, ImageCaptionResult
 from snap2caption.service import error_responses
-from snap2caption.serving.inputs import IMAGE_REQUEST_BODY, read_images, request_deadline, to_ms
-from snap2caption.serving.schemas import ModelRef, Timings
+from snap2caption.serving.inputs import IMAGE_REQUEST_BODY, read_images, request_deadline
+from snap2caption.serving.schemas import ModelRef, TimeoutMs, Timings
 
 router = APIRouter(prefix="/v1", tags=["caption"])
 
@@ -39,10 +39,7 @@ async def caption(
     num_beams: Annotated[
         int | None, Query(ge=1, le=16, description="1 = greedy, more = beam search; default the model's.")
     ] = None,
-    timeout_ms: Annotated[
-        int | None,
-        Query(ge=1, le=600_000, description="Deadline (504 after it); capped at the service's maximum."),
-    ] = None,
+    timeout_ms: TimeoutMs = None,
 ) -> CaptionResponse:
     """Caption up to ``max_images_per_request`` images; the captions come back in request order."""
     started = time.monotonic()
@@ -68,10 +65,5 @@ async def caption(
         ],
         options=DecodeSettings(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams),
         batch_size=run.batch_size,
-        timings=Timings(
-            decode_ms=to_ms(prepared - started),
-            queue_ms=to_ms(run.queue_s),
-            inference_ms=to_ms(run.inference_s),
-            total_ms=to_ms(time.monotonic() - started),
-        ),
+        timings=Timings.measure(started, prepared, run.queue_s, run.inference_s),
     )

@@ -6,9 +6,10 @@ Pieces, request side first:
 - :meth:`DetectorEngine.prepare_detect` / :meth:`~DetectorEngine.prepare_tags`: bytes -> the safe decoder
   (upright RGB at full resolution, EXIF orientation applied) -> the model's own preprocessing (the
   detector's letterbox, the tagger's resize + crop + normalise). Runs on request threads.
-- :class:`ModelLane`: one served model, its :class:`~snap2caption.serving.ModelStore` (the version
-  ``models:/<name>@<alias>`` names, hot-swapped when the alias moves) and its
-  :class:`~snap2caption.serving.MicroBatcher`. The service has two: ``detector`` and ``tagger``.
+- :class:`~snap2caption.serving.lane.ModelLane`: one served model, its
+  :class:`~snap2caption.serving.ModelStore` (the version ``models:/<name>@<alias>`` names, hot-swapped
+  when the alias moves) and its :class:`~snap2caption.serving.MicroBatcher`.
+  The service has two: ``detector`` and ``tagger``.
 - The batch functions: one network call per batch on the model current at its start; then each image's
   post-processing with its own request's options (NMS thresholds, ``top_k``), so requests that ask for
   different options still share a network call. Boxes come back in the pixels of the decoded image:
@@ -23,7 +24,6 @@ import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -37,18 +37,13 @@ from snap2caption.models.detector import Backend, Detection, Detector, Letterbox
 from snap2caption.models.tagger import Tag, Tagger
 from snap2caption.models.tagger_onnx import ONNX_FILE as TAGGER_ONNX_FILE
 from snap2caption.models.tagger_onnx import TaggerOnnx
-from snap2caption.registry import ModelVersionInfo, Registry
+from snap2caption.registry import Registry
 from snap2caption.service import Readiness
-from snap2caption.serving import Batched, MicroBatcher, ModelSource, ModelStore
+from snap2caption.serving import Batched, ModelSource
 from snap2caption.serving.inputs import prepare_images
+from snap2caption.serving.lane import ModelLane
 
 # ---------------------------------------------------------------------------------------------- runtimes
-
-
-class Runtime(Protocol):
-    """What both served models expose: the runtime they run on."""
-
-    backend: str
 
 
 def resolve_backend(choice: BackendChoice, folder: Path, onnx_file: str) -> Backend:
@@ -235,89 +230,6 @@ class TagsResult:
 
 
 # ------------------------------------------------------------------------------------------------- lanes
-
-ModelT = TypeVar("ModelT", bound=Runtime)
-ItemT = TypeVar("ItemT")
-OutT = TypeVar("OutT")
-
-
-class ModelLane(Generic[ModelT, ItemT, OutT]):
-    """One served model: its store (pulled by alias, hot-swapped) and its micro-batcher.
-
-    Args:
-        name: Registered model name; the ``model`` label of the store's and batcher's metrics.
-        alias: Alias (or version number) to follow.
-        backend: The configured runtime choice, shown by :meth:`status`.
-        loader: ``loader(folder, info) -> model`` (worker thread).
-        warmup: One dummy batch through a freshly loaded model.
-        batch_fn: ``batch_fn(items, key) -> outputs`` (the batcher's thread).
-        settings: Registry, polling and batching settings.
-        source_factory: Registry client factory.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        alias: str,
-        backend: str,
-        *,
-        loader: Callable[[Path, ModelVersionInfo], ModelT],
-        warmup: Callable[[ModelT], None],
-        batch_fn: Callable[[list[ItemT], Hashable], Sequence[OutT]],
-        settings: Settings,
-        source_factory: Callable[[], ModelSource],
-    ) -> None:
-        self.name = name
-        self.backend = backend
-        self.store: ModelStore[ModelT] = ModelStore(
-            name,
-            alias,
-            loader=loader,
-            warmup=warmup,
-            source_factory=source_factory,
-            cache_dir=settings.model_cache_dir,
-            poll_interval_s=settings.poll_interval_s,
-        )
-        self.batcher: MicroBatcher[ItemT, OutT] = MicroBatcher(
-            name,
-            batch_fn,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            timeout_s=settings.request_timeout_s,
-            retry_after_s=settings.retry_after_s,
-            concurrency=settings.batch_concurrency,
-        )
-
-    def start(self) -> None:
-        """Start the batcher and the model watcher (the first load runs in the background)."""
-        self.batcher.start()
-        self.store.start()
-
-    async def close(self, timeout_s: float) -> None:
-        """Stop watching the registry, finish queued work (up to ``timeout_s``), stop the batcher."""
-        await self.store.close()
-        await self.batcher.close(timeout_s)
-
-    def status(self) -> dict[str, Any]:
-        """``/readyz``'s detail for this model: version, load errors, runtime, queue."""
-        current = self.store.current
-        return {
-            **self.store.status(),
-            "backend": self.backend,
-            "runtime": current.model.backend if current else None,
-            "queue_depth": self.batcher.depth,
-            "running_batches": self.batcher.running_batches,
-        }
-
-    def problem(self, status: dict[str, Any]) -> str | None:
-        """Why this model cannot serve now (``None`` when it can), from its :meth:`status`."""
-        if self.store.current is None:
-            error = status["last_load_error"] or status["last_poll_error"]
-            return f"{self.name} not loaded yet" + (f" ({error})" if error else "")
-        if not self.batcher.alive:
-            return f"the {self.name} batcher is not running"
-        return None
 
 
 def shared_source(factory: Callable[[], ModelSource]) -> Callable[[], ModelSource]:

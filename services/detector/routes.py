@@ -21,8 +21,8 @@ from services.detector.schemas import (
     TagsResponse,
 )
 from snap2caption.service import error_responses
-from snap2caption.serving.inputs import IMAGE_REQUEST_BODY, read_images, request_deadline, to_ms
-from snap2caption.serving.schemas import ModelRef, Timings
+from snap2caption.serving.inputs import IMAGE_REQUEST_BODY, read_images, request_deadline
+from snap2caption.serving.schemas import ModelRef, TimeoutMs, Timings
 
 router = APIRouter(prefix="/v1", tags=["detect"])
 
@@ -32,10 +32,6 @@ def get_engine(request: Request) -> DetectorEngine:
 
 
 EngineDep = Annotated[DetectorEngine, Depends(get_engine)]
-TimeoutMs = Annotated[
-    int | None,
-    Query(ge=1, le=600_000, description="Deadline (504 after it); capped at the service's maximum."),
-]
 
 
 @router.post(
@@ -98,12 +94,7 @@ async def detect(
         ],
         options=DetectSettings(conf=options.conf, iou=options.iou, max_det=options.max_det),
         batch_size=max(run.batch_sizes),
-        timings=Timings(
-            decode_ms=to_ms(prepared - started),
-            queue_ms=to_ms(run.queue_s),
-            inference_ms=to_ms(run.inference_s),
-            total_ms=to_ms(time.monotonic() - started),
-        ),
+        timings=Timings.measure(started, prepared, run.queue_s, run.inference_s),
     )
 
 
@@ -162,10 +153,5 @@ async def tags(
         ],
         options=TagSettings(top_k=options.top_k, min_score=options.min_score),
         batch_size=max(run.batch_sizes),
-        timings=Timings(
-            decode_ms=to_ms(prepared - started),
-            queue_ms=to_ms(run.queue_s),
-            inference_ms=to_ms(run.inference_s),
-            total_ms=to_ms(time.monotonic() - started),
-        ),
+        timings=Timings.measure(started, prepared, run.queue_s, run.inference_s),
     )

@@ -24,7 +24,7 @@ from snap2caption.models.artifact import save_caption_model
 from snap2caption.models.caption import CaptionConfig, CaptionModel, build_caption_model
 from snap2caption.models.tokenizer import CaptionTokenizer
 from snap2caption.registry import Registry
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, torch_threads
 
 TINY_CONFIG = Path(__file__).resolve().parents[3] / "training" / "configs" / "caption" / "tiny.yaml"
 COLOURS = {
@@ -129,10 +129,8 @@ class Deployment:
 
 @pytest.fixture(scope="session")
 def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the service processes need the cores more
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny tensors; processes share the cores
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ from snap2caption.imaging import decode_image
 from snap2caption.models.detector import Detection, Detector, DetectorConfig
 from snap2caption.models.tagger import Tag, Tagger
 from snap2caption.registry import Registry, write_manifest
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, torch_threads
 
 CLASS_NAMES = ["circle", "square", "star"]
 TAG_LABELS = ["tabby, tabby cat", "tiger cat", "Great Dane", "espresso", "cup", "coffee mug"]
@@ -170,12 +170,10 @@ def assert_same_tags(got: Sequence[dict[str, Any]], expected: Sequence[Tag]) -> 
 
 @pytest.fixture(scope="session")
 def _detector_threads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the service processes need the cores more
     # Ultralytics' settings and fonts in a private folder, not ~/.config (prepare_ultralytics reads it).
     os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("yolo-config")))
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny tensors; processes share the cores
+        yield
 
 
 @dataclass

@@ -6,15 +6,14 @@ Everything runs the ``tiny`` preset (a 3-conv encoder at 64 px and a 2-layer 32-
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from snap2caption.registry import Registry
+from tests.helpers import torch_threads
 from training.caption.config import CaptionRunConfig
 
 # 72 scenes -> about 58 train / 7 val / 7 test images after the ETL's hash split, 5 captions each.
@@ -24,10 +23,8 @@ N_IMAGES = 72
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     """One intra-op thread: tiny tensors, and OpenMP barriers stall when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny tensors; processes share the cores
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -54,24 +51,6 @@ def caption_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def template_db(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty MLflow database to copy (MLflow's first migration takes seconds).
-
-    Cached per MLflow version in pytest's cache, as in ``tests/snap2caption/test_registry.py``.
-    """
-    import mlflow
-
-    cached = pytestconfig.cache.mkdir(f"mlflow-{mlflow.__version__}-empty-db") / "mlflow.db"
-    if not cached.is_file():
-        db = tmp_path_factory.mktemp("template") / "mlflow.db"
-        Registry(f"sqlite:///{db}")
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(db, tmp)
-        tmp.replace(cached)
-    return cached
-
-
 def new_registry(template: Path, folder: Path) -> Registry:
     """A registry on a fresh copy of the template database, artifacts beside it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,9 +59,9 @@ def new_registry(template: Path, folder: Path) -> Registry:
 
 
 @pytest.fixture()
-def registry(template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+def registry(mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     """A registry of this test's own; ``MLFLOW_TRACKING_URI`` points at it too (for the CLI)."""
-    reg = new_registry(template_db, tmp_path / "mlflow")
+    reg = new_registry(mlflow_template_db, tmp_path / "mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.tracking_uri)
     monkeypatch.setenv("SNAP2CAPTION_HOME", str(tmp_path / "home"))
     return reg
