@@ -13,6 +13,8 @@ EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,dev}
 declare -A DEBIAN_PACKAGES=(
   [java]=default-jre-headless     # pycocoevalcap's PTB tokenizer and METEOR run on Java
   [git]=git                       # DVC and the MLflow git-commit tag
+  [prometheus]=prometheus         # the real Prometheus the monitoring tests (and `make up`) run; brings promtool
+  [chromium]=chromium             # headless browser for the web page test (driven by Playwright)
 )
 
 missing=()

@@ -84,3 +84,36 @@ class NotReady(Snap2CaptionError):
 
     code = "not_ready"
     status = 503
+
+
+class UrlNotAllowed(Snap2CaptionError):
+    """A URL refused before any connection: scheme, loopback/private/link-local/metadata address,
+    too many redirects."""
+
+    code = "url_not_allowed"
+    status = 400
+
+
+class UrlFetchFailed(Snap2CaptionError):
+    """A URL that was allowed but could not be fetched, or did not return an image."""
+
+    code = "url_fetch_failed"
+    status = 422
+
+
+class Unauthorized(Snap2CaptionError):
+    """A missing, unknown or revoked API key."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class RateLimited(Snap2CaptionError):
+    """The caller's key is over its request rate; retry after ``retry_after`` seconds."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
