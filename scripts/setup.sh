@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,dev}
+EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,dev,postgres}
 
 # command -> Debian package providing it
 declare -A DEBIAN_PACKAGES=(
@@ -15,6 +15,7 @@ declare -A DEBIAN_PACKAGES=(
   [git]=git                       # DVC and the MLflow git-commit tag
   [prometheus]=prometheus         # the real Prometheus the monitoring tests (and `make up`) run; brings promtool
   [chromium]=chromium             # headless browser for the web page test (driven by Playwright)
+  [pg_ctlcluster]=postgresql      # a real PostgreSQL for the inference-log / keys / feedback test on Postgres
 )
 
 missing=()

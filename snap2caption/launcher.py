@@ -23,19 +23,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """One service the launcher runs."""
+    """One process the launcher runs: a ``snap2caption serve <name>`` service, or any other server
+    (``argv``) that answers ``ready_path`` with 200 once it can serve (Prometheus: ``/-/ready``)."""
 
     name: str
     port: int
     host: str = "127.0.0.1"
     extra_args: tuple[str, ...] = ()
     ready_timeout_s: float = 120.0
+    argv: tuple[str, ...] = ()
+    ready_path: str = "/readyz"
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
+        if self.argv:
+            return list(self.argv)
         return [
             sys.executable, "-m", "snap2caption", "serve", self.name,
             "--host", self.host, "--port", str(self.port), *self.extra_args,
@@ -49,14 +55,16 @@ class RunningService:
     log_path: Path = field(default_factory=Path)
 
 
-def wait_ready(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> bool:
-    """Poll ``url + /readyz`` until it answers 200, the process exits, or the timeout passes."""
+def wait_ready(
+    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None, path: str = "/readyz"
+) -> bool:
+    """Poll ``url + path`` until it answers 200, the process exits, or the timeout passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as resp:
                 if resp.status == 200:
                     return True
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -77,12 +85,12 @@ def start_services(specs: Sequence[ServiceSpec], log_dir: Path) -> list[RunningS
                 # which then drains the services in order.
                 proc = subprocess.Popen(
                     spec.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(spec.env)},
                 )  # fmt: skip
             running.append(RunningService(spec, proc, log_path))
             log.info("started %s (pid %d), log %s", spec.name, proc.pid, log_path)
         for svc in running:
-            if not wait_ready(svc.spec.url, svc.spec.ready_timeout_s, svc.process):
+            if not wait_ready(svc.spec.url, svc.spec.ready_timeout_s, svc.process, svc.spec.ready_path):
                 raise RuntimeError(f"{svc.spec.name} did not become ready; see {svc.log_path}")
     except BaseException:
         stop_services(running)

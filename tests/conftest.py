@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.gateway_stack import image_server, stack  # noqa: F401 (session fixtures for every folder)
 from tests.helpers import ServiceProcess
 
 

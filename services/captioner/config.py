@@ -25,7 +25,14 @@ class Settings(ModelServiceSettings):
     # ---- which model
     model_name: str = Field(default="captioner", description="Registered model name.")
     model_alias: str = Field(default="production", description="Alias (or version number) to serve.")
-    backend: Literal["torch", "onnx"] = Field(default="torch", description="Inference runtime.")
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        default="auto",
+        description=(
+            "Inference runtime: PyTorch, or the artifact's ONNX export on ONNX Runtime without torch in the "
+            "process (`onnx-int8`: the dynamically quantized decoder); `auto`: onnx when the artifact has "
+            "the export, else torch."
+        ),
+    )
 
     # ---- inputs and decoding
     image_max_side: int | None = Field(
@@ -40,3 +47,18 @@ class Settings(ModelServiceSettings):
         default=32, ge=1, le=256, description="Largest max_new_tokens a request may ask."
     )
     max_beams: int = Field(default=4, ge=1, le=16, description="Largest num_beams a request may ask.")
+
+    # ---- the torch backend on a GPU (unmeasured in this project's CI: no GPU there)
+    device: str = Field(default="cpu", description="Torch device of the torch backend (`cuda`, `cuda:1`).")
+    static_decoder: bool = Field(
+        default=False,
+        description=(
+            "Torch backend: decode on a preallocated static KV cache (snap2caption.models.caption_static), "
+            "with one CUDA graph per padded batch size on CUDA."
+        ),
+    )
+    static_dtype: Literal["bfloat16", "float32"] = Field(
+        default="bfloat16",
+        description="Static decoder weights and cache dtype (bf16 autocast encoder on CUDA).",
+    )
+    cuda_graphs: bool = Field(default=True, description="Capture the static decoder's step in CUDA graphs.")

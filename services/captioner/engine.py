@@ -27,7 +27,8 @@ from anyio import CapacityLimiter
 from services.captioner.config import Settings
 from snap2caption.errors import BadRequest
 from snap2caption.imaging import DecodeLimits, Preprocess, decode_image
-from snap2caption.models.caption import Caption
+from snap2caption.models.decoding import Caption
+from snap2caption.monitoring.drift import ModelDrift
 from snap2caption.registry import ModelVersionInfo, Registry
 from snap2caption.service import Readiness
 from snap2caption.serving import Batched, ModelSource
@@ -85,19 +86,21 @@ class ImageCaption:
         confidence: Geometric-mean probability of the generated tokens, in [0, 1].
         tokens: Number of caption tokens.
         model_version: The version that wrote it.
+        runtime: The runtime that ran it (``torch``, ``onnx``, ``onnx-int8``).
     """
 
     text: str
     confidence: float
     tokens: int
     model_version: int
+    runtime: str = ""
 
 
 class CaptionBackend(Protocol):
     """A caption model behind one runtime. Methods run on worker threads, never on the event loop.
 
     Attributes:
-        backend: Runtime name (``torch``, ``onnx``).
+        backend: Runtime name (``torch``, ``onnx``, ``onnx-int8``).
         spec: Input spec, from the artifact.
         defaults: The model's default decoding options.
         max_new_tokens_limit: Most new tokens the model's positions allow.
@@ -113,60 +116,110 @@ class CaptionBackend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StaticOptions:
+    """How the torch backend runs: device, and the static-cache decoder (CUDA graphs on CUDA)."""
+
+    device: str = "cpu"
+    enabled: bool = False
+    dtype: str = "bfloat16"
+    cuda_graphs: bool = True
+    max_batch: int = 16
+    max_beams: int = 4
+    max_new_tokens: int = 32
+
+
 class TorchBackend:
     """:class:`~snap2caption.models.caption.CaptionModel` in PyTorch, eval mode, KV-cached decoding."""
 
     backend = "torch"
 
-    def __init__(self, folder: Path, image_max_side: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, image_max_side: int | None = None, static: StaticOptions | None = None
+    ) -> None:
         from snap2caption.models.artifact import load_caption_model
 
-        self.model, _ = load_caption_model(folder, verify=True)
+        self.device = static.device if static else "cpu"
+        self.model, _ = load_caption_model(folder, verify=True, device=self.device)
         self.spec = InputSpec(_max_side(folder, image_max_side), self.model.preprocess)
         decoding = self.model.config.decoding
         self.defaults = DecodeOptions(decoding.max_new_tokens, decoding.num_beams)
         self.max_new_tokens_limit = self.model.config.decoder.n_positions - self.model.prefix_len - 1
+        if static is not None and static.enabled:
+            import torch
+
+            from snap2caption.models.caption_static import StaticDecoder
+
+            # The cache holds P + 1 + max_new_tokens positions for max_batch x max_beams rows.
+            self.max_new_tokens_limit = min(self.max_new_tokens_limit, static.max_new_tokens)
+            StaticDecoder.attach(
+                self.model,
+                max_batch=static.max_batch * static.max_beams,
+                max_new_tokens=self.max_new_tokens_limit,
+                dtype=torch.bfloat16 if static.dtype == "bfloat16" else torch.float32,
+                cuda_graphs=static.cuda_graphs,
+            )
 
     def caption(self, pixels: np.ndarray, options: DecodeOptions) -> list[Caption]:
         import torch
 
         with torch.inference_mode():
             return self.model.generate(
-                torch.from_numpy(pixels),  # (B, 3, H, W)
+                torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
                 max_new_tokens=options.max_new_tokens,
                 num_beams=options.num_beams,
             )
 
 
-class OnnxBackend(TorchBackend):
-    """The same model with its network on ONNX Runtime (``onnx/`` in the artifact): the image encoder and
-    each decoder step run as ONNX sessions, the decoding loop stays :meth:`CaptionModel.generate`'s, so
-    greedy / beam search behave exactly as on torch (see ``snap2caption.models.caption_onnx``)."""
+class OnnxBackend:
+    """The artifact's ONNX export on ONNX Runtime, decoded by the NumPy twin of the torch loop
+    (``snap2caption.models.caption_ort``): no torch or transformers in the process. ``int8`` picks the
+    dynamically quantized decoder (``snap2caption export caption --int8``)."""
 
-    backend = "onnx"
+    def __init__(
+        self, folder: Path, image_max_side: int | None = None, threads: int = 1, int8: bool = False
+    ) -> None:
+        from snap2caption.models.caption_ort import CaptionOrt
+        from snap2caption.registry import verify_manifest
 
-    def __init__(self, folder: Path, image_max_side: int | None = None, threads: int = 1) -> None:
-        from snap2caption.models.caption_onnx import CaptionOnnx
+        verify_manifest(folder)  # as load_caption_model(verify=True) does for torch
+        self.backend = "onnx-int8" if int8 else "onnx"
+        self.runtime = CaptionOrt(folder, threads=threads, int8=int8)
+        self.spec = InputSpec(_max_side(folder, image_max_side), self.runtime.preprocess)
+        decoding = self.runtime.decoding
+        self.defaults = DecodeOptions(decoding.max_new_tokens, decoding.num_beams)
+        self.max_new_tokens_limit = self.runtime.max_new_tokens_limit
 
-        super().__init__(folder, image_max_side)
-        CaptionOnnx.for_model(self.model, folder, threads).attach(self.model)
+    def caption(self, pixels: np.ndarray, options: DecodeOptions) -> list[Caption]:
+        return self.runtime.generate(
+            pixels, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
+        )
 
 
 def _max_side(folder: Path, override: int | None) -> int:
     """The settings' value, else the artifact's ``extra.image_max_side``, else 512."""
     if override is not None:
         return override
-    from snap2caption.models.artifact import read_artifact_info
+    import json  # not models.artifact: it imports torch, which the ONNX backend runs without
 
-    value = read_artifact_info(folder).get("extra", {}).get(IMAGE_MAX_SIDE_KEY)
+    info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    value = info.get("extra", {}).get(IMAGE_MAX_SIDE_KEY)
     return int(value) if value else DEFAULT_IMAGE_MAX_SIDE
 
 
-def load_backend(kind: str, folder: Path, *, image_max_side: int | None, threads: int) -> CaptionBackend:
+def load_backend(
+    kind: str,
+    folder: Path,
+    *,
+    image_max_side: int | None,
+    threads: int,
+    static: StaticOptions | None = None,
+) -> CaptionBackend:
     """Load a verified artifact folder into the runtime ``kind``.
 
     Args:
-        kind: ``torch``, or ``onnx`` (the artifact must carry the ONNX export).
+        kind: ``torch``, ``onnx`` or ``onnx-int8`` (the artifact must carry the ONNX export), or ``auto``
+            (``onnx`` when it does, else ``torch``).
         folder: The downloaded, verified artifact.
         image_max_side: Overrides the artifact's max side.
         threads: Intra-op threads of ONNX Runtime sessions; torch's pools are process-wide and set
@@ -175,11 +228,13 @@ def load_backend(kind: str, folder: Path, *, image_max_side: int | None, threads
     Raises:
         ValueError: An unknown runtime, or an artifact without what the runtime needs.
     """
+    if kind == "auto":
+        kind = "onnx" if (folder / "onnx" / "decoder.onnx").is_file() else "torch"
     if kind == "torch":
-        return TorchBackend(folder, image_max_side)
-    if kind == "onnx":
-        return OnnxBackend(folder, image_max_side, threads)
-    raise ValueError(f"unknown caption backend {kind!r} (torch, onnx)")
+        return TorchBackend(folder, image_max_side, static)
+    if kind in ("onnx", "onnx-int8"):
+        return OnnxBackend(folder, image_max_side, threads, int8=kind == "onnx-int8")
+    raise ValueError(f"unknown caption backend {kind!r} (torch, onnx, onnx-int8)")
 
 
 def warm_up(backend: CaptionBackend) -> None:
@@ -208,6 +263,7 @@ class CaptionRun:
         queue_s: Wait for the batch.
         inference_s: The model call.
         batch_size: Images in that model call, other requests' included.
+        runtime: The runtime that ran the batch.
     """
 
     captions: list[ImageCaption]
@@ -215,6 +271,7 @@ class CaptionRun:
     queue_s: float
     inference_s: float
     batch_size: int
+    runtime: str = ""
 
 
 class CaptionEngine:
@@ -239,14 +296,28 @@ class CaptionEngine:
             source_factory=source_factory or (lambda: Registry(settings.tracking_uri)),
         )
         self._decode_limiter = CapacityLimiter(settings.decode_threads)
+        # Input drift (image statistics) and output drift (caption confidence) against the reference the
+        # serving artifact carries; off for artifacts without one.
+        self.drift = ModelDrift.from_settings("captioner", settings)
 
     def _load(self, folder: Path, info: ModelVersionInfo) -> CaptionBackend:
-        return load_backend(
+        backend = load_backend(
             self.settings.backend,
             folder,
             image_max_side=self.settings.image_max_side,
             threads=self.settings.threads,
+            static=StaticOptions(
+                device=self.settings.device,
+                enabled=self.settings.static_decoder,
+                dtype=self.settings.static_dtype,
+                cuda_graphs=self.settings.cuda_graphs,
+                max_batch=self.settings.max_batch_size,
+                max_beams=self.settings.max_beams,
+                max_new_tokens=self.settings.max_new_tokens,
+            ),
         )
+        self.drift.loaded(info.version, folder)
+        return backend
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -262,6 +333,8 @@ class CaptionEngine:
         """Ready when a model is loaded and the batcher runs; the model's status either way."""
         checks = self.lane.status()
         problem = self.lane.problem(checks)
+        current = self.lane.store.current
+        checks["drift"] = self.drift.status(current.version if current else None)
         return Readiness(ready=problem is None, checks=checks, reason=problem or "")
 
     # ------------------------------------------------------------------------------ requests
@@ -294,11 +367,18 @@ class CaptionEngine:
             ImageError: The first refused image's error, its message prefixed with its position when
                 the request has several.
         """
-        spec = self.lane.store.get().model.spec
+        loaded = self.lane.store.get()
+        spec = loaded.model.spec
         pixels = await prepare_images(
-            images, lambda data: prepare_image(data, spec, self.limits), self._decode_limiter
+            images, lambda data: self._prepare(data, spec, loaded.version), self._decode_limiter
         )
         return [ImageItem(data, spec, p) for data, p in zip(images, pixels, strict=True)]
+
+    def _prepare(self, data: bytes, spec: InputSpec, version: int) -> np.ndarray:
+        """:func:`prepare_image`, feeding the drift monitor the decoded image (request threads)."""
+        decoded = decode_image(data, self.limits, max_side=spec.max_side)
+        self.drift.observe_image(version, data, decoded, self.limits, spec.max_side)
+        return spec.preprocess(decoded.image)
 
     async def caption(
         self, items: Sequence[ImageItem], options: DecodeOptions, deadline: float
@@ -311,7 +391,12 @@ class CaptionEngine:
         batched: Batched[ImageCaption] = await self.lane.batcher.submit(items, key=options, deadline=deadline)
         version = batched.outputs[0].model_version
         return CaptionRun(
-            batched.outputs, version, batched.queue_s, batched.inference_s, max(batched.batch_sizes)
+            batched.outputs,
+            version,
+            batched.queue_s,
+            batched.inference_s,
+            max(batched.batch_sizes),
+            batched.outputs[0].runtime,
         )
 
     def _run_batch(self, items: list[ImageItem], options: object) -> list[ImageCaption]:
@@ -329,4 +414,10 @@ class CaptionEngine:
         # Checked against the model current when the request came; a model swapped in since may allow fewer.
         options = DecodeOptions(min(options.max_new_tokens, backend.max_new_tokens_limit), options.num_beams)
         captions = backend.caption(pixels, options)
-        return [ImageCaption(c.text, math.exp(c.confidence), c.n_tokens, loaded.version) for c in captions]
+        out = [
+            ImageCaption(c.text, math.exp(c.confidence), c.n_tokens, loaded.version, backend.backend)
+            for c in captions
+        ]
+        for caption in out:  # output drift: the reference holds the test split's confidences
+            self.drift.observe(loaded.version, {"caption_confidence": caption.confidence})
+        return out

@@ -55,7 +55,7 @@ async def caption(
             name=settings.model_name,
             version=run.model_version,
             alias=settings.model_alias,
-            backend=settings.backend,
+            backend=run.runtime,
         ),
         results=[
             ImageCaptionResult(

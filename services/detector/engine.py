@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from anyio import CapacityLimiter
 
 from services.detector.config import BackendChoice, Settings
@@ -34,10 +33,11 @@ from snap2caption.errors import BadRequest
 from snap2caption.imaging import DecodeLimits, Preprocess, decode_image
 from snap2caption.models.detector import ONNX_FILE as DETECTOR_ONNX_FILE
 from snap2caption.models.detector import Backend, Detection, Detector, Letterbox, letterbox, postprocess
-from snap2caption.models.tagger import Tag, Tagger
 from snap2caption.models.tagger_onnx import ONNX_FILE as TAGGER_ONNX_FILE
 from snap2caption.models.tagger_onnx import TaggerOnnx
-from snap2caption.registry import Registry
+from snap2caption.models.tags import Tag
+from snap2caption.monitoring.drift import ModelDrift
+from snap2caption.registry import ModelVersionInfo, Registry
 from snap2caption.service import Readiness
 from snap2caption.serving import Batched, ModelSource
 from snap2caption.serving.inputs import prepare_images
@@ -106,6 +106,11 @@ def load_tagger(folder: Path, choice: BackendChoice, *, int8: bool, threads: int
         return TaggerRunner("onnx", onnx_tagger.preprocess, run_onnx, onnx_tagger.from_logits)
     if int8:
         raise ValueError("int8 is an ONNX variant; use the onnx backend")
+    # torch only on this path: the ONNX one runs without it in the process (~480 MB less memory).
+    import torch
+
+    from snap2caption.models.tagger import Tagger
+
     tagger = Tagger.load(folder)
 
     def run_torch(pixels: np.ndarray) -> np.ndarray:
@@ -266,9 +271,7 @@ class DetectorEngine:
             settings.detector_model,
             settings.detector_alias,
             settings.detector_backend,
-            loader=lambda folder, _: load_detector(
-                folder, settings.detector_backend, int8=settings.detector_int8, threads=settings.threads
-            ),
+            loader=self._load_detector,
             warmup=warm_up_detector,
             batch_fn=self._detect_batch,
             settings=settings,
@@ -287,6 +290,15 @@ class DetectorEngine:
             source_factory=source,
         )
         self._decode_limiter = CapacityLimiter(settings.decode_threads)
+        # Input drift of the images sent to /v1/detect against the detector artifact's reference (the
+        # detector's training images); the tagger's artifact comes from ImageNet weights and has none.
+        self.drift = ModelDrift.from_settings("detector", settings)
+
+    def _load_detector(self, folder: Path, info: ModelVersionInfo) -> Detector:
+        s = self.settings
+        detector = load_detector(folder, s.detector_backend, int8=s.detector_int8, threads=s.threads)
+        self.drift.loaded(info.version, folder)
+        return detector
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -306,6 +318,8 @@ class DetectorEngine:
         problems = [
             p for p in (self.detector.problem(detector), self.tagger.problem(tagger)) if p is not None
         ]
+        current = self.detector.store.current
+        detector["drift"] = self.drift.status(current.version if current else None)
         checks = {"detector": detector, "tagger": tagger}
         return Readiness(ready=not problems, checks=checks, reason="; ".join(problems))
 
@@ -347,9 +361,13 @@ class DetectorEngine:
 
     # ------------------------------------------------------------------------------ detect
 
-    def _letterboxed(self, data: bytes, spec: LetterboxSpec, options: DetectOptions) -> DetectItem:
-        image = decode_image(data, self.limits).image  # upright RGB, full size: boxes map back to it
-        pixels, box = letterbox(image, spec.imgsz, spec.pad_value)
+    def _letterboxed(
+        self, data: bytes, spec: LetterboxSpec, options: DetectOptions, version: int | None = None
+    ) -> DetectItem:
+        decoded = decode_image(data, self.limits)  # upright RGB, full size: boxes map back to it
+        if version is not None:  # first preparation of a request's image (not a redo after a swap)
+            self.drift.observe_image(version, data, decoded, self.limits)
+        pixels, box = letterbox(decoded.image, spec.imgsz, spec.pad_value)
         return DetectItem(data, spec, pixels, box, options)
 
     async def prepare_detect(self, images: Sequence[bytes], options: DetectOptions) -> list[DetectItem]:
@@ -358,9 +376,10 @@ class DetectorEngine:
         Raises:
             ImageError: The first refused image's error (``image <i>: ...`` when there are several).
         """
-        spec = LetterboxSpec.of(self.detector.store.get().model)
+        loaded = self.detector.store.get()
+        spec = LetterboxSpec.of(loaded.model)
         return await prepare_images(
-            images, lambda data: self._letterboxed(data, spec, options), self._decode_limiter
+            images, lambda data: self._letterboxed(data, spec, options, loaded.version), self._decode_limiter
         )
 
     async def detect(self, items: Sequence[DetectItem], deadline: float) -> Batched[ObjectsResult]:

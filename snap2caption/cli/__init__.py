@@ -9,9 +9,12 @@ from __future__ import annotations
 import click
 
 from snap2caption import __version__
+from snap2caption.cli.analyze import analyze
+from snap2caption.cli.bootstrap import bootstrap
 from snap2caption.cli.data import data
 from snap2caption.cli.eval import eval_group
 from snap2caption.cli.export import export_group
+from snap2caption.cli.keys import keys
 from snap2caption.cli.registry import registry
 from snap2caption.cli.serve import serve
 from snap2caption.cli.train import train_group
@@ -31,6 +34,9 @@ main.add_command(data)
 main.add_command(registry)
 main.add_command(serve)
 main.add_command(up)
+main.add_command(bootstrap)
 main.add_command(train_group)
 main.add_command(eval_group)
 main.add_command(export_group)
+main.add_command(analyze)
+main.add_command(keys)

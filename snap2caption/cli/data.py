@@ -115,3 +115,37 @@ def etl(
         f"{report.captions_dropped} dropped; decoded {report.images_decoded}, cached {report.images_cached} "
         f"in {report.seconds:.1f} s -> {out}"
     )
+
+
+@data.command("feedback-export")
+@click.option(
+    "--database",
+    default=None,
+    envvar="SNAP2CAPTION_GATEWAY_DATABASE_URL",
+    help="Gateway database URL [default: $SNAP2CAPTION_GATEWAY_DATABASE_URL, else $SNAP2CAPTION_HOME].",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (COCO layout).")
+@click.option(
+    "--min-rating",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 5),
+    help="A rating at least this high keeps the logged caption.",
+)
+def feedback_export(database: str | None, out: str, min_rating: int) -> None:
+    """Turn accepted gateway feedback into images + COCO captions for `data etl --source coco`."""
+    from pathlib import Path
+
+    from services.gateway.db import default_database_url, make_engine
+    from services.gateway.feedback import export_feedback
+
+    engine = make_engine(database or default_database_url())
+    try:
+        report = export_feedback(engine, Path(out), min_rating=min_rating)
+    finally:
+        engine.dispose()
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())) or "none"
+    click.echo(
+        f"feedback-export: {report.images} images, {report.captions} captions "
+        f"({report.corrected} corrected, {report.confirmed} confirmed by rating); skipped: {skipped} -> {out}"
+    )

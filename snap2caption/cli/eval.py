@@ -26,6 +26,13 @@ def eval_group() -> None:
 @click.option(
     "--num-beams", default=0, show_default=True, type=click.IntRange(min=0), help="0 = the model's."
 )
+@click.option(
+    "--runtime",
+    default="torch",
+    show_default=True,
+    type=click.Choice(["torch", "onnx", "onnx-int8"]),
+    help="Network runtime, as the captioner's backends (onnx-int8: the int8 decoder).",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Decoders.")
 @click.option("--samples", default=20, show_default=True, type=click.IntRange(min=0), help="Triples to keep.")
@@ -41,6 +48,7 @@ def caption(
     max_images: int,
     backend: str,
     num_beams: int,
+    runtime: str,
     batch_size: int,
     workers: int,
     samples: int,
@@ -71,8 +79,13 @@ def caption(
             num_samples=samples,
             tracking_uri=tracking_uri,
             progress=progress,
+            runtime=cast(Literal["torch", "onnx", "onnx-int8"], runtime),
         )
-    except (Snap2CaptionError, FileNotFoundError) as exc:  # no such model, version, folder or manifest
+    except (
+        Snap2CaptionError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:  # no such model, version, folder or manifest
         raise click.ClickException(str(exc)) from exc
     model = report["model"]
     which = f"{model['name']} v{model['version']}" if "version" in model else model["uri"]

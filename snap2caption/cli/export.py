@@ -118,3 +118,37 @@ def export_tagger_command(
             click.echo(
                 f"registered tagger v{version} as candidate (gate test_top1={metrics['test_top1']:.3f})"
             )
+
+
+@export_group.command("caption")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also write the int8 decoder.")
+@click.option(
+    "--model", "model_uri", default="models:/captioner@production", show_default=True, help="URI or folder."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (replaced) [default: $SNAP2CAPTION_HOME/exports/captioner].",
+)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI for models:/ references.")
+def export_caption_command(int8: bool, model_uri: str, out: Path | None, tracking_uri: str | None) -> None:
+    """Export a caption model for the `onnx` serving backends: encoder + KV-cached decoder (+ int8 decoder).
+
+    Artifacts trained by this version already carry the export; this is for older ones. Register the
+    output folder to serve it.
+    """
+    import shutil
+
+    from snap2caption.models.uri import resolve_model_dir
+    from snap2caption.registry import snap2caption_home
+    from training.caption.export import export_for_serving
+
+    with _export_errors():
+        folder = resolve_model_dir(model_uri, tracking_uri=tracking_uri)
+        target = out or snap2caption_home() / "exports" / "captioner"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(folder, target)
+        written = export_for_serving(target, int8=int8)
+    click.echo(f"exported {model_uri} -> {target}: {', '.join(p.name for p in written)}")

@@ -12,6 +12,8 @@ Pipeline (each step idempotent)::
          out/dataset.yaml              Ultralytics data file
          out/manifests/{split}.parquet one row per image (MANIFEST_SCHEMA)
          out/report.json               counts, quarantine and duplicate lists; no timings
+         out/manifests/reference_stats.json  drift reference: histograms of image statistics over
+                                       the train split (snap2caption.monitoring), shipped with models
          out/.etl_cache.json           what was hashed, decoded and written, so re-runs skip it
 
 Hashing comes before decoding so that duplicates are known before any image is decoded: each
@@ -46,6 +48,8 @@ from snap2caption.data.formats import READERS
 from snap2caption.data.records import SPLITS, SourceBox, SourceDataset, SourceRecord, Split
 from snap2caption.errors import BadRequest, ImageError
 from snap2caption.imaging.decode import DEFAULT_LIMITS, DecodeLimits, decode_image, probe_image
+from snap2caption.monitoring.drift import REFERENCE_FILE, build_reference
+from snap2caption.monitoring.stats import decoded_stats
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +356,9 @@ def _decode_and_store(task: _DecodeTask) -> dict[str, Any]:
     which lets large JPEGs decode at a reduced DCT scale instead of at full size.
 
     Returns:
-        ``{"image": {width, height, orientation, format}, "out": {size, mtime_ns}}`` or
-        ``{"error": [code, reason]}``.
+        ``{"image": {width, height, orientation, format, stats}, "out": {size, mtime_ns}}`` or
+        ``{"error": [code, reason]}``; ``stats`` are the drift statistics (``ImageStats.to_dict()``) the
+        services compute online with the same function.
     """
     try:
         with open(task.src, "rb") as fh:  # at most one byte past the cap, as decode_file reads
@@ -380,6 +385,7 @@ def _decode_and_store(task: _DecodeTask) -> dict[str, Any]:
             "height": info.width if swapped else info.height,
             "orientation": decoded.orientation,
             "format": decoded.format,
+            "stats": decoded_stats(decoded, info).to_dict(),
         },
         "out": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
     }
@@ -718,7 +724,9 @@ def _decode(cfg: EtlConfig, groups: list[_Group], cache: _Cache, runner: _Runner
             report.images_cached += 1
             continue
         stored = cache.outputs.get(group.dst)
-        if "image" in src and stored is not None and stored["sha256"] == group.sha256:
+        # A verdict cached before drift statistics existed has no "stats": decode it once more.
+        cached = "image" in src and "stats" in src["image"]
+        if cached and stored is not None and stored["sha256"] == group.sha256:
             try:
                 stat = (out / group.dst).stat()
                 fresh = stored["params"] == params and (stored["size"], stored["mtime_ns"]) == (
@@ -773,6 +781,7 @@ def _write_outputs(
         for split in SPLITS:
             (out / "labels" / split).mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    train_stats: list[dict[str, Any]] = []
     expected: set[str] = set()
 
     for done, group in enumerate(groups):
@@ -817,11 +826,14 @@ def _write_outputs(
         )
         report.images_ok += 1
         report.splits[group.split] += 1
+        if group.split == "train":
+            train_stats.append(image["stats"])
 
     manifests = out / "manifests"
     manifests.mkdir(exist_ok=True)
     for split in SPLITS:
         _write_manifest(manifests / f"{split}.parquet", rows[split])
+    _write_reference(manifests, train_stats)
     data_yaml = out / "dataset.yaml"
     if with_labels:
         doc: dict[str, Any] = {
@@ -840,6 +852,25 @@ def _write_outputs(
     report_doc = {"config": _config_echo(cfg), **report.to_dict(deterministic=True)}
     write_if_changed(out / "report.json", (json.dumps(report_doc, indent=2) + "\n").encode())
     runner.report("write", len(groups), len(groups))
+
+
+def manifests_version(manifests: Path) -> str:
+    """``manifests:<sha256[:16]>`` over the names and bytes of ``manifests/*.parquet`` (the formula of
+    ``training.provenance.dataset_version`` when DVC does not track the folder)."""
+    digest = hashlib.sha256()
+    for path in sorted(manifests.glob("*.parquet")):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return "manifests:" + digest.hexdigest()[:16]
+
+
+def _write_reference(manifests: Path, train_stats: list[dict[str, Any]]) -> None:
+    """``reference_stats.json``: the drift reference of the train split (removed when it is empty)."""
+    path = manifests / REFERENCE_FILE
+    if not train_stats:
+        path.unlink(missing_ok=True)
+        return
+    reference = build_reference(train_stats, dataset_version=manifests_version(manifests), split="train")
+    write_if_changed(path, reference.to_json().encode())
 
 
 def _config_echo(cfg: EtlConfig) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Layout::
     config.json         {"format", "format_version", "model": resolved CaptionConfig, "preprocess",
                          "tokenizer": special ids and size, "lora_merged", "extra"}
     tokenizer.json      the CaptionTokenizer
+    reference_stats.json  optional: the drift reference (training images' statistics, caption confidence);
+                        artifacts without it load, and the captioner then reports drift as off
     MANIFEST.json       sha256 and size of every other file in the folder
 
 LoRA adapters are always merged into the decoder before saving, so the weights are a plain GPT-2 and
@@ -32,6 +34,7 @@ from snap2caption.errors import Snap2CaptionError
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.caption import CaptionConfig, CaptionModel
 from snap2caption.models.tokenizer import TOKENIZER_FILE, CaptionTokenizer
+from snap2caption.monitoring.drift import REFERENCE_FILE, DriftReference, read_reference, write_reference
 
 FORMAT = "snap2caption.caption_model"
 FORMAT_VERSION = 1
@@ -56,6 +59,7 @@ def save_caption_model(
     tokenizer: CaptionTokenizer,
     directory: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
+    drift_reference: DriftReference | None = None,
 ) -> Path:
     """Write a model, its tokenizer and resolved config as an artifact folder.
 
@@ -66,6 +70,7 @@ def save_caption_model(
         tokenizer: Its tokenizer (must match ``model.tokenizer``).
         directory: Target folder, created if needed; files of the same names are replaced.
         extra: JSON-serialisable facts to keep with the model (data version, metrics, git commit).
+        drift_reference: The training data's drift reference, written as ``reference_stats.json``.
 
     Returns:
         The folder.
@@ -90,6 +95,10 @@ def save_caption_model(
         "extra": extra or {},
     }
     (out / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if drift_reference is not None:
+        write_reference(drift_reference, out)
+    else:
+        (out / REFERENCE_FILE).unlink(missing_ok=True)  # a replaced model must not keep another's reference
     write_manifest(out)
     return out
 
@@ -133,6 +142,11 @@ def load_caption_model(
         )
     model.preprocess = Preprocess.from_dict(info["preprocess"])
     return model.to(device).eval(), tokenizer
+
+
+def read_drift_reference(directory: str | os.PathLike[str]) -> DriftReference | None:
+    """The artifact's drift reference, or ``None`` for an artifact saved without one."""
+    return read_reference(directory)
 
 
 def export_state_dict(model: CaptionModel) -> dict[str, Tensor]:

@@ -32,6 +32,15 @@ from snap2caption.config import ConfigError, apply_overrides, dotted_keys, load_
 from snap2caption.config import from_dict as config_from_dict
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.backbones import build_encoder
+from snap2caption.models.decoding import (
+    Caption,
+    DecodingConfig,
+    SpecialTokens,
+    banned_ngram_tokens,
+    decoding_problems,
+    make_caption,
+    until_eos,
+)
 from snap2caption.models.tokenizer import CaptionTokenizer
 
 # ============================================================================================= config
@@ -144,28 +153,6 @@ class TokenizerConfig:
 
 
 @dataclass
-class DecodingConfig:
-    """Decoding defaults; :meth:`CaptionModel.generate` can override each per call.
-
-    Attributes:
-        max_new_tokens: Most tokens generated, EOS included.
-        num_beams: 1 = greedy; more = beam search.
-        length_penalty: Beam score = sum of log-probs / length ** length_penalty (> 0 favours longer).
-        repetition_penalty: > 1 discourages tokens already generated (CTRL-style: positive logits divided,
-            negative multiplied). 1 disables it.
-        no_repeat_ngram_size: Forbid repeating any n-gram of this size; 0 disables it.
-        min_new_tokens: EOS is forbidden before this many tokens.
-    """
-
-    max_new_tokens: int = 24
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    min_new_tokens: int = 1
-
-
-@dataclass
 class CaptionConfig:
     """Everything that defines a caption model's architecture and decoding; training settings live elsewhere.
 
@@ -233,7 +220,7 @@ class CaptionConfig:
             problems.append(f"tokenizer.vocab_size must be >= 259 (bytes + specials), got {t.vocab_size}")
         if t.max_caption_tokens < 1 or t.min_frequency < 1:
             problems.append("tokenizer.max_caption_tokens and tokenizer.min_frequency must be >= 1")
-        problems += _decoding_problems(s)
+        problems += decoding_problems(s)
         if problems:
             raise ConfigError("invalid caption config: " + "; ".join(problems))
 
@@ -274,19 +261,6 @@ class CaptionConfig:
         """A copy with ``key=value`` overrides applied (see :meth:`from_yaml`)."""
         valid = dotted_keys(type(self))
         return type(self).from_dict(apply_overrides(self.to_dict(), overrides, valid, strip_prefix="model."))
-
-
-def _decoding_problems(s: DecodingConfig) -> list[str]:
-    problems = []
-    if s.max_new_tokens < 1 or s.num_beams < 1:
-        problems.append("decoding.max_new_tokens and decoding.num_beams must be >= 1")
-    if s.repetition_penalty <= 0:
-        problems.append(f"decoding.repetition_penalty must be > 0, got {s.repetition_penalty}")
-    if s.no_repeat_ngram_size < 0:
-        problems.append(f"decoding.no_repeat_ngram_size must be >= 0, got {s.no_repeat_ngram_size}")
-    if not 0 <= s.min_new_tokens <= s.max_new_tokens:
-        problems.append(f"decoding.min_new_tokens must be in [0, max_new_tokens], got {s.min_new_tokens}")
-    return problems
 
 
 # ============================================================================================ mapping
@@ -348,25 +322,6 @@ class TransformerMapping(nn.Module):
 
 
 # ============================================================================================== model
-
-
-@dataclass
-class Caption:
-    """One decoded caption.
-
-    Attributes:
-        text: The caption.
-        token_ids: Its token ids, without BOS/EOS.
-        confidence: Mean log-probability per generated token (EOS included when generated), under the
-            model's own distribution before any repetition/length control: in (-inf, 0], higher is surer;
-            ``math.exp(confidence)`` is the geometric-mean token probability.
-        n_tokens: ``len(token_ids)``.
-    """
-
-    text: str
-    token_ids: list[int]
-    confidence: float
-    n_tokens: int
 
 
 @dataclass
@@ -616,7 +571,7 @@ class CaptionModel(nn.Module):
         settings = dataclasses.replace(
             self.config.decoding, **{k: v for k, v in given.items() if v is not None}
         )
-        problems = _decoding_problems(settings)
+        problems = decoding_problems(settings)
         if problems:
             raise ValueError("; ".join(problems))
         needed = self.prefix_len + 1 + settings.max_new_tokens
@@ -635,13 +590,9 @@ class CaptionModel(nn.Module):
         return [self._caption(ids, logprob_sum, n) for ids, logprob_sum, n in results]
 
     def _caption(self, ids: list[int], logprob_sum: float, n_scored: int) -> Caption:
-        tokens = [t for t in ids if t not in (self.tokenizer.eos_id, self.tokenizer.pad_id)]
-        return Caption(
-            text=self.tokenizer.decode(tokens),
-            token_ids=tokens,
-            confidence=logprob_sum / max(n_scored, 1),
-            n_tokens=len(tokens),
-        )
+        tok = self.tokenizer
+        special = SpecialTokens(tok.bos_id, tok.eos_id, tok.pad_id)
+        return make_caption(ids, logprob_sum, n_scored, special, tok.decode)
 
     def _process_logits(self, logits: Tensor, generated: Tensor, settings: DecodingConfig) -> Tensor:
         """Apply repetition penalty, n-gram blocking and the minimum length to (N, V) logits.
@@ -661,7 +612,7 @@ class CaptionModel(nn.Module):
             logits.scatter_(1, generated, seen)
         n = settings.no_repeat_ngram_size
         if n and n_done + 1 >= n:
-            for row, banned in enumerate(_banned_ngram_tokens(generated.tolist(), n)):
+            for row, banned in enumerate(banned_ngram_tokens(generated.tolist(), n)):
                 if banned:
                     logits[row, banned] = -math.inf
         if n_done < settings.min_new_tokens:
@@ -710,7 +661,7 @@ class CaptionModel(nn.Module):
                 break
             logits, cache, sequence = self._advance(nxt, cache, sequence, use_cache)
         return [
-            (_until_eos(row, eos), float(s), int(n))
+            (until_eos(row, eos), float(s), int(n))
             for row, s, n in zip(generated.tolist(), logprob_sum.tolist(), n_scored.tolist(), strict=True)
         ]
 
@@ -796,24 +747,8 @@ class CaptionModel(nn.Module):
                     if math.isfinite(final_scores[j])
                 ]
             _, ids, raw_sum, n = max(hyps, key=lambda h: h[0])
-            results.append((_until_eos(ids, eos), raw_sum, n))
+            results.append((until_eos(ids, eos), raw_sum, n))
         return results
-
-
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    """Tokens before the first EOS."""
-    return ids[: ids.index(eos)] if eos in ids else ids
-
-
-def _banned_ngram_tokens(rows: list[list[int]], n: int) -> list[list[int]]:
-    """For each row of generated tokens, the tokens that would repeat an n-gram already in it."""
-    banned = []
-    for tokens in rows:
-        context = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
-        banned.append(
-            [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == context]
-        )
-    return banned
 
 
 # ============================================================================================ builders

@@ -171,14 +171,20 @@ class CaptionOnnx:
         ValueError: The ONNX files are missing or were exported from another model.
     """
 
-    def __init__(self, folder: str | Path, sizes: dict[str, int], threads: int = 1) -> None:
+    def __init__(
+        self, folder: str | Path, sizes: dict[str, int], threads: int = 1, int8: bool = False
+    ) -> None:
+        from snap2caption.models.caption_ort import DECODER_INT8_FILE
         from snap2caption.models.onnx_io import cpu_session, session_metadata
 
         folder = Path(folder)
         if not has_onnx(folder):
             raise ValueError(f"{folder} has no ONNX export ({ENCODER_FILE}, {DECODER_FILE})")
+        decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
+        if not (folder / decoder_file).is_file():
+            raise ValueError(f"{folder} has no {decoder_file} (snap2caption export caption --int8)")
         self.encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
-        self.decoder = cpu_session(folder / DECODER_FILE, threads=threads)
+        self.decoder = cpu_session(folder / decoder_file, threads=threads)
         for session, part in ((self.encoder, "encoder"), (self.decoder, "decoder")):
             metadata = session_metadata(session)
             found = {k: json.loads(metadata[k]) for k in sizes if k in metadata}
@@ -191,9 +197,11 @@ class CaptionOnnx:
         self.sizes = sizes
 
     @classmethod
-    def for_model(cls, model: CaptionModel, folder: str | Path, threads: int = 1) -> CaptionOnnx:
+    def for_model(
+        cls, model: CaptionModel, folder: str | Path, threads: int = 1, int8: bool = False
+    ) -> CaptionOnnx:
         """Sessions for ``model``'s artifact folder, checked against the model's sizes."""
-        return cls(folder, _sizes(model), threads)
+        return cls(folder, _sizes(model), threads, int8)
 
     def encode(self, pixels: Tensor | None = None, *, features: Tensor | None = None) -> Tensor:
         """:meth:`CaptionModel.encode` on ONNX Runtime (pixels only): (B, 3, H, W) -> (B, P, D)."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.imagenet_names import hashtag
-from snap2caption.models.tagger import CONFIG_FILE, Tag, TaggerConfig, tags_from_logits
+from snap2caption.models.tags import CONFIG_FILE, Tag, TaggerConfig, tags_from_logits
 
 if TYPE_CHECKING:
     import onnxruntime

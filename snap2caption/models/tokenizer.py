@@ -18,9 +18,12 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:  # torch only for batch_encode (training): the ONNX serving path runs without it
+    import torch
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -152,9 +155,8 @@ class CaptionTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ``ids``; special tokens are dropped."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+        as_list = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # a tensor or an array, or ints
+        return str(self.tokenizer.decode(as_list, skip_special_tokens=True)).strip()
 
     def batch_encode(self, captions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode captions as decoder inputs: ``<bos> tokens <eos>``, right-padded.
@@ -168,6 +170,8 @@ class CaptionTokenizer:
             ``(input_ids, attention_mask)``, both ``(B, T)`` int64 with ``T = longest + 2``; the mask is 1 on
             BOS, caption tokens and EOS and 0 on padding.
         """
+        import torch
+
         rows = [[self.bos_id, *self.encode(c)[:max_tokens], self.eos_id] for c in captions]
         width = max((len(r) for r in rows), default=2)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

@@ -12,6 +12,7 @@ What every app built here gets:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -25,7 +26,7 @@ from fastapi.openapi.utils import get_openapi
 from snap2caption.errors import NotReady
 from snap2caption.logs import configure_logging
 from snap2caption.service.errors import install_error_handlers
-from snap2caption.service.metrics import mark_worker_dead, render_metrics
+from snap2caption.service.metrics import READY, mark_worker_dead, render_metrics
 from snap2caption.service.middleware import RequestContextMiddleware
 from snap2caption.service.schemas import HealthResponse, ReadyResponse, error_responses
 
@@ -122,20 +123,28 @@ def _ops_router(service: str, version: str, ready_check: ReadyCheck | None) -> A
     async def healthz() -> HealthResponse:
         return HealthResponse(service=service, version=version)
 
+    async def readiness(app: FastAPI) -> ReadyResponse:
+        """The /readyz answer, or ``NotReady`` (503); keeps ``snap2caption_ready`` current."""
+        try:
+            if not app.state.started:
+                raise NotReady("not ready: starting")
+            if app.state.draining:
+                raise NotReady("not ready: shutting down")
+            answer = Readiness(ready=True)
+            if ready_check is not None:
+                result = ready_check(app)
+                answer = await result if inspect.isawaitable(result) else result
+            if not answer.ready:
+                raise _NotReadyWithChecks(answer)
+        except NotReady:
+            READY.labels(service).set(0)
+            raise
+        READY.labels(service).set(1)
+        return ReadyResponse(service=service, checks=answer.checks)
+
     @router.get("/readyz", response_model=ReadyResponse, summary="Readiness", responses=error_responses(503))
     async def readyz(request: Request) -> ReadyResponse:
-        app: FastAPI = request.app
-        if not app.state.started:
-            raise NotReady("not ready: starting")
-        if app.state.draining:
-            raise NotReady("not ready: shutting down")
-        readiness = Readiness(ready=True)
-        if ready_check is not None:
-            answer = ready_check(app)
-            readiness = await answer if inspect.isawaitable(answer) else answer
-        if not readiness.ready:
-            raise _NotReadyWithChecks(readiness)
-        return ReadyResponse(service=service, checks=readiness.checks)
+        return await readiness(request.app)
 
     @router.get(
         "/metrics",
@@ -143,7 +152,9 @@ def _ops_router(service: str, version: str, ready_check: ReadyCheck | None) -> A
         response_class=Response,
         responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
     )
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        with contextlib.suppress(NotReady):  # only to refresh snap2caption_ready for this scrape
+            await readiness(request.app)
         body, content_type = render_metrics()
         return Response(body, media_type=content_type)
 

@@ -48,6 +48,13 @@ HTTP_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 
+READY = Gauge(
+    "snap2caption_ready",
+    "1 while /readyz would answer 200 (refreshed by every /readyz call and every scrape), else 0.",
+    ["service"],
+    multiprocess_mode="livemostrecent",
+)
+
 
 def multiprocess_enabled() -> bool:
     """Whether metrics are kept in per-process files (several workers)."""

@@ -21,7 +21,8 @@ Rules:
 Metrics (labels ``model``): ``snap2caption_queue_depth`` (items waiting), ``snap2caption_queue_seconds``
 (enqueue to batch start, per request), ``snap2caption_batch_size`` (items per model call),
 ``snap2caption_inference_seconds`` (one model call), ``snap2caption_batcher_rejected_total``
-(``reason`` = ``overloaded`` | ``timeout`` | ``error``).
+(``reason`` = ``overloaded`` | ``timeout`` | ``error``), ``snap2caption_queue_capacity``
+(``max_queue``: alerts compare the depth with it).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ QUEUE_DEPTH = Gauge(
     "Items (images) waiting in a batcher's queue.",
     ["model"],
     multiprocess_mode="livesum",
+)
+QUEUE_CAPACITY = Gauge(
+    "snap2caption_queue_capacity",
+    "Most items a batcher's queue holds (max_queue); queue_depth / queue_capacity is its saturation.",
+    ["model"],
+    multiprocess_mode="livesum",  # summed like the depth, so the ratio holds across workers
 )
 QUEUE_SECONDS = Histogram(
     "snap2caption_queue_seconds",
@@ -184,6 +191,7 @@ class MicroBatcher(Generic[ItemT, OutT]):
         self._infer_hist = INFERENCE_SECONDS.labels(name)
         self._rejected = {reason: REJECTED.labels(name, reason) for reason in _REASONS}
         self._depth_gauge.set(0)
+        QUEUE_CAPACITY.labels(name).set(max_queue)
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -56,6 +56,17 @@ class ModelServiceSettings(ServiceSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Whole request body.")
     decode_threads: int = Field(default=2, ge=1, le=64, description="Images decoded at once.")
 
+    # ---- data drift (snap2caption.monitoring): PSI of recent inputs against the artifact's reference
+    drift_enabled: bool = Field(
+        default=True,
+        description="Monitor input drift when the serving artifact carries its reference statistics.",
+    )
+    drift_window: int = Field(default=1000, ge=10, description="Most recent images per feature compared.")
+    drift_min_samples: int = Field(
+        default=200, ge=1, description="Images a window needs before its PSI is reported."
+    )
+    drift_every: int = Field(default=20, ge=1, description="Recompute the PSI after this many observations.")
+
     @model_validator(mode="after")
     def _consistent(self) -> Any:
         if self.max_images_per_request > self.max_batch_size:
@@ -65,4 +76,6 @@ class ModelServiceSettings(ServiceSettings):
             raise ValueError("max_images_per_request must be <= max_queue")
         if self.request_timeout_s > self.max_timeout_s:
             raise ValueError("request_timeout_s must be <= max_timeout_s")
+        if self.drift_min_samples > self.drift_window:
+            raise ValueError("drift_min_samples must be <= drift_window")
         return self

@@ -14,6 +14,8 @@ with the batcher's ``concurrency``, each single-threaded).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +28,16 @@ def configure_torch_threads(intra_op: int, inter_op: int = 1) -> None:
         inter_op: Threads running independent ops in parallel (TorchScript / autograd only); torch
             accepts this once per process, before any parallel work, so a later call keeps the first.
     """
-    import torch
-
     if intra_op < 1 or inter_op < 1:
         raise ValueError(f"thread counts must be >= 1, got intra_op={intra_op}, inter_op={inter_op}")
+    if "torch" not in sys.modules:
+        # Nothing here runs torch yet (the ONNX backends never do): importing it only to size its pools
+        # would cost ~480 MB of memory. Should it be imported later, its pools start from this variable.
+        os.environ["OMP_NUM_THREADS"] = str(intra_op)
+        logger.info("torch not loaded; OMP_NUM_THREADS=%d for it if it ever is", intra_op)
+        return
+    import torch
+
     torch.set_num_threads(intra_op)
     try:
         torch.set_num_interop_threads(inter_op)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -121,6 +121,8 @@ class EvalResult:
         predictions: Image id -> predicted caption.
         samples: Image/reference/prediction triples with their per-image CIDEr-D and pairs.
         seconds: Wall time of captioning plus scoring.
+        confidences: Per image, the caption's geometric-mean token probability (what the captioner
+            serves as ``confidence``): the output side of the drift reference.
     """
 
     split: str
@@ -129,6 +131,7 @@ class EvalResult:
     predictions: dict[str, str]
     samples: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    confidences: list[float] = field(default_factory=list)
 
     def prefixed(self, prefix: str) -> dict[str, float]:
         """Metrics as ``<prefix>_<name>`` (``test_cider_d``): the registry's gate metric names."""
@@ -238,7 +241,12 @@ def evaluate_split(
     values.update(pair_scores(references, predictions))
     values["mean_confidence"] = sum(c.confidence for c in captions) / len(captions)
     result = EvalResult(
-        split.name, values, scores.backend, predictions, seconds=time.perf_counter() - started
+        split.name,
+        values,
+        scores.backend,
+        predictions,
+        seconds=time.perf_counter() - started,
+        confidences=[math.exp(c.confidence) for c in captions],
     )
     if num_samples:
         step = max(1, len(split) // num_samples)
@@ -293,8 +301,12 @@ def evaluate_model(
     tracking_uri: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch",
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Load a model from its artifact alone, caption a split from the image files, score it, write results.
+
+    ``runtime`` runs the network as a serving backend would: PyTorch, or the artifact's ONNX export
+    (``onnx-int8``: with the int8 decoder), the decoding loop being the same.
 
     Writes ``<out_dir>/metrics.json`` (model, data, metrics) and ``<out_dir>/samples.json`` (triples).
 
@@ -309,6 +321,12 @@ def evaluate_model(
         uri, tracking_uri=tracking_uri, cache_dir=Path(cache_dir) if cache_dir else None
     )
     model, _ = load_caption_model(folder)
+    if runtime != "torch":
+        from snap2caption.models.caption_onnx import CaptionOnnx
+
+        CaptionOnnx.for_model(
+            model, folder, threads=torch.get_num_threads(), int8=runtime == "onnx-int8"
+        ).attach(model)
     data = SplitData.load(data_dir, split).head(max_images)
     result = evaluate_split(
         model,
@@ -321,7 +339,7 @@ def evaluate_model(
         progress=progress,
     )
     report = {
-        "model": describe_model(uri, folder),
+        "model": {**describe_model(uri, folder), "runtime": runtime},
         "dataset": {"path": str(data_dir), "version": dataset_version(data_dir), "split": split},
         **result.to_dict(),
     }

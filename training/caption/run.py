@@ -13,6 +13,7 @@ Output folder::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ import yaml
 from snap2caption.config import ConfigError
 from snap2caption.models.artifact import save_caption_model
 from snap2caption.models.caption import CaptionModel, build_tokenizer
+from snap2caption.monitoring.drift import REFERENCE_FILE, DriftReference, numeric_reference, read_reference
 from training.callbacks.base import Callback, CallbackList
 from training.callbacks.checkpoint import CheckpointCallback, latest_checkpoint, read_checkpoint
 from training.callbacks.early_stopping import EarlyStopping
@@ -34,6 +36,7 @@ from training.callbacks.progress import ProgressCallback
 from training.caption.config import CaptionRunConfig
 from training.caption.data import CaptionPairs, SplitData, manifest_path
 from training.caption.evaluate import EvalResult, evaluate_split
+from training.caption.export import export_for_serving
 from training.caption.features import cached_features
 from training.caption.register import DataFacts, is_synthetic, model_card, write_model_card
 from training.caption.train import CaptionTrainer, TrainState, auto_threads, resolve_device
@@ -311,6 +314,7 @@ def train_caption(
             model,
             tokenizer,
             artifact,
+            drift_reference=drift_reference(data_dir, facts.version, test_result),
             extra={
                 "preset": preset,
                 "dataset_version": facts.version,
@@ -331,6 +335,7 @@ def train_caption(
             vocab_size=tokenizer.vocab_size,
         )
         write_model_card(artifact, card)
+        export_for_serving(artifact)  # ONNX + int8 decoder: what the onnx serving backends load
         callback_list.on_model_saved(trainer, artifact)
         timings["save_s"] = time.monotonic() - t0
 
@@ -388,6 +393,25 @@ def train_caption(
         timings=timings,
         summary=summary,
     )
+
+
+def drift_reference(data_dir: Path, version: str, test: EvalResult | None) -> DriftReference | None:
+    """The ETL's ``reference_stats.json`` (train-split image statistics) with the dataset version training
+    saw and, when the run was tested, the distribution of the final model's caption confidence on the
+    test split: what the captioner's drift monitor compares its traffic with. ``None`` (drift off for
+    this model) when the dataset predates the reference."""
+    reference = read_reference(data_dir / "manifests")
+    if reference is None:
+        logger.warning("%s has no %s: the model ships without a drift reference", data_dir, REFERENCE_FILE)
+        return None
+    reference = dataclasses.replace(reference, dataset_version=version)
+    if test is not None and test.confidences:
+        confidence = numeric_reference(test.confidences)
+        source = f"{test.split} split, {len(test.confidences)} captions of the final model"
+        reference = reference.with_features(
+            {"caption_confidence": confidence}, {"caption_confidence": source}
+        )
+    return reference
 
 
 def _write_json(path: Path, data: Any) -> None:

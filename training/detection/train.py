@@ -32,6 +32,7 @@ import yaml
 
 from snap2caption.models import yolo
 from snap2caption.models.detector import CONFIG_FILE, Detector, DetectorConfig
+from snap2caption.monitoring.drift import read_reference, write_reference
 from snap2caption.registry import PromotionResult, Registry, snap2caption_home, write_manifest
 from training.detection.callbacks import MlflowLogger, TimeBudget, metric_key
 from training.detection.config import DetectorTrainConfig
@@ -318,6 +319,12 @@ def train_detector(
         (out / CONFIG_FILE).write_text(json.dumps(det_config.to_dict(), indent=2, sort_keys=True) + "\n")
         (out / EVAL_FILE).write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")
         (out / CARD_FILE).write_text(model_card(det_config, config, evaluation, facts))
+        # The drift reference of the training images ships with the model (the detector service's monitor).
+        reference = read_reference(Path(config.data) / "manifests")
+        if reference is not None:
+            write_reference(reference, out)
+        else:
+            logger.warning("%s has no drift reference: the model ships without one", config.data)
         write_manifest(out)
 
         now = int(time.time() * 1000)

@@ -26,7 +26,7 @@ def artifact(
 
 
 def test_the_onnx_backend_needs_the_export(artifact: Path) -> None:
-    with pytest.raises(ValueError, match="no ONNX export"):
+    with pytest.raises(ValueError, match=r"has no onnx/encoder\.onnx"):
         load_backend("onnx", artifact, image_max_side=None, threads=1)
     with pytest.raises(ValueError, match="unknown caption backend"):
         load_backend("tensorrt", artifact, image_max_side=None, threads=1)
@@ -48,3 +48,24 @@ def test_onnx_and_torch_backends_caption_alike(
     assert [c.text for c in want] == CAPTIONS  # the overfitted model says what it was taught
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert [c.confidence for c in got] == pytest.approx([c.confidence for c in want], abs=1e-4)
+
+
+def test_torch_backend_with_the_static_decoder_captions_alike(artifact: Path) -> None:
+    """The GPU path's static-cache decoder, on CPU in float32 (no CUDA graphs here): same captions."""
+    from services.captioner.engine import StaticOptions
+
+    plain = load_backend("torch", artifact, image_max_side=None, threads=1)
+    static = load_backend(
+        "torch",
+        artifact,
+        image_max_side=None,
+        threads=1,
+        static=StaticOptions(enabled=True, dtype="float32", cuda_graphs=True, max_batch=4, max_beams=3),
+    )
+    pixels = (
+        np.random.default_rng(0).standard_normal((3, *plain.spec.preprocess.output_shape)).astype(np.float32)
+    )
+    for beams in (1, 3):
+        options = DecodeOptions(12, beams)
+        got, want = static.caption(pixels, options), plain.caption(pixels, options)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]

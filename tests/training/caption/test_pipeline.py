@@ -52,7 +52,13 @@ def test_train_register_promote_refuse_override_rollback(
 
     # The artifact: no pickle, every file in the manifest, a model card that says what the data was.
     files = sorted(p.name for p in good.artifact_dir.iterdir())
-    assert files == ["MANIFEST.json", "README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert files == [
+        "MANIFEST.json", "README.md", "config.json", "model.safetensors", "onnx", "reference_stats.json",
+        "tokenizer.json",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (good.artifact_dir / "onnx").iterdir()) == [
+        "decoder.int8.onnx", "decoder.onnx", "encoder.onnx",
+    ]  # fmt: skip
     verify_manifest(good.artifact_dir)
     card = (good.artifact_dir / "README.md").read_text()
     assert "Trained on the synthetic shapes benchmark" in card

@@ -1,0 +1,192 @@
+"""System benchmark: the starter services through real HTTP, each endpoint and the gateway's /v1/analyze.
+
+What it does, in one run on one machine:
+
+1. Starts ``snap2caption serve captioner``, ``detector`` and ``gateway`` as their own processes on free
+   loopback ports, serving the ``production`` models of the registry under ``--home`` (what ``snap2caption
+   up`` builds: ``var/`` by default), with their default settings (ONNX Runtime where the artifacts carry it).
+2. Baseline, in this process: the same caption model through Hugging Face ``generate`` (PyTorch eager,
+   greedy, one image at a time), as ``bench/serving.py`` measures it.
+3. Closed-loop clients at each ``--concurrency`` on ``POST /v1/caption``, ``/v1/detect``, ``/v1/tags`` and
+   the gateway's ``/v1/analyze`` (each client sends a synthetic-scene JPEG, waits, sends the next).
+4. Prints p50/p95/p99, throughput and errors per endpoint and level, the ratio of each captioner level to the
+   baseline, and the peak RSS of every service and their sum.
+
+The clients share the machine's cores with the services (on 2 cores the numbers are a floor). Example::
+
+    .venv/bin/python bench/system.py --home var --concurrency 1,8,50 --duration-s 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import Level, baseline, free_port, peak_rss_mb, percentile, synth_images
+
+ENDPOINTS = {
+    "captioner": ("captioner", "/v1/caption"),
+    "detect": ("detector", "/v1/detect"),
+    "tags": ("detector", "/v1/tags"),
+    "analyze": ("gateway", "/v1/analyze"),
+}
+
+
+@dataclass
+class Result:
+    endpoint: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    images_per_s: float
+
+
+async def closed_loop(
+    url: str, path: str, images: list[bytes], concurrency: int, duration_s: float
+) -> Result:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def client(http: httpx.AsyncClient, worker: int) -> None:
+        nonlocal errors
+        i = worker
+        while time.perf_counter() < stop_at:
+            data = images[i % len(images)]
+            i += concurrency
+            t0 = time.perf_counter()
+            try:
+                response = await http.post(path, content=data, headers={"content-type": "image/jpeg"})
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if response.status_code != 200 or response.json().get("errors"):
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        await asyncio.gather(*(client(http, w) for w in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return Result(
+        path, concurrency, len(latencies), errors, seconds,
+        percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
+        len(latencies) / seconds,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--home", type=Path, default=Path("var"), help="SNAP2CAPTION_HOME with the registry.")
+    parser.add_argument("--concurrency", default="1,8,50")
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--endpoints", default=",".join(ENDPOINTS), help=f"Subset of {list(ENDPOINTS)}.")
+    parser.add_argument("--baseline-images", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="Intra-op threads per model service.")
+    args = parser.parse_args()
+
+    from snap2caption.launcher import ServiceSpec, start_services, stop_services
+    from snap2caption.registry import Registry
+
+    home = args.home.resolve()
+    env = {"SNAP2CAPTION_HOME": str(home), "SNAP2CAPTION_LOG_LEVEL": "WARNING"}
+    os.environ.update(env)
+    registry = Registry()
+    captioner = registry.resolve("captioner", "production")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-system-"))
+    try:
+        images, _ = synth_images(workdir / "synth", 32)
+        artifact, _ = registry.download("captioner", captioner.version, workdir / "captioner")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        tokens = 20
+        base = baseline(artifact, images, args.baseline_images, tokens, exact=False)
+        print(f"baseline (HF generate, eager, one at a time): p50 {base.p50_ms:.1f} ms, "
+              f"{base.images_per_s:.2f} images/s", flush=True)  # fmt: skip
+
+        ports = {name: free_port() for name in ("captioner", "detector", "gateway")}
+        threads = str(args.threads)
+        specs = [
+            ServiceSpec("captioner", ports["captioner"], env=(("SNAP2CAPTION_CAPTIONER_THREADS", threads),)),
+            ServiceSpec("detector", ports["detector"], env=(("SNAP2CAPTION_DETECTOR_THREADS", threads),)),
+            ServiceSpec(
+                "gateway",
+                ports["gateway"],
+                env=(
+                    ("SNAP2CAPTION_GATEWAY_CAPTIONER_URL", f"http://127.0.0.1:{ports['captioner']}"),
+                    ("SNAP2CAPTION_GATEWAY_DETECTOR_URL", f"http://127.0.0.1:{ports['detector']}"),
+                    ("SNAP2CAPTION_GATEWAY_DATABASE_URL", f"sqlite:///{workdir / 'gateway.db'}"),
+                    ("SNAP2CAPTION_GATEWAY_RATE_LIMIT_PER_S", "100000"),
+                ),
+            ),
+        ]
+        running = start_services(specs, workdir / "logs")
+        results: list[Result] = []
+        try:
+            by_name = {svc.spec.name: svc for svc in running}
+            for endpoint in args.endpoints.split(","):
+                service, path = ENDPOINTS[endpoint]
+                url = by_name[service].spec.url
+                asyncio.run(closed_loop(url, path, images, 4, 3.0))  # warm-up
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                    result = asyncio.run(closed_loop(url, path, images, concurrency, args.duration_s))
+                    results.append(result)
+                    print(f"{path:<12} {concurrency:>3} clients: p50 {result.p50_ms:.1f} ms, p95 "
+                          f"{result.p95_ms:.1f}, {result.images_per_s:.2f} img/s, errors {result.errors}",
+                          flush=True)  # fmt: skip
+            rss = {svc.spec.name: peak_rss_mb(svc.process.pid) for svc in running}
+        finally:
+            stop_services(running)
+        report(base, results, rss, args, captioner.version)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(
+    base: Level, results: list[Result], rss: dict[str, float], args: argparse.Namespace, version: int
+) -> None:
+    print(f"\nstarter services from {args.home} (captioner v{version}), {args.threads} thread(s) per model "
+          f"service, cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    columns = ("reqs", "err", "p50 ms", "p95 ms", "p99 ms", "img/s")
+    header = f"{'endpoint':<14} {'clients':>7} " + " ".join(f"{c:>8}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.endpoint:<14} {r.concurrency:>7} {r.requests:>8} {r.errors:>8} {r.p50_ms:>8.1f} "
+              f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.images_per_s:>8.2f}")  # fmt: skip
+    b_p50, b_rate = base.p50_ms, base.images_per_s
+    print(f"\nbaseline, HF generate eager one at a time: p50 {b_p50:.1f} ms, {b_rate:.2f} images/s")
+    for r in results:
+        if r.endpoint == "/v1/caption":
+            print(f"  /v1/caption {r.concurrency:>3} clients vs baseline: p50 latency ratio "
+                  f"{b_p50 / r.p50_ms:.2f}x, throughput ratio {r.images_per_s / b_rate:.2f}x")  # fmt: skip
+    print(
+        "\npeak RSS: "
+        + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
+        + f"; total {sum(rss.values()):.0f} MB"
+    )
+    model_services = rss.get("captioner", 0) + rss.get("detector", 0)
+    print(f"model services (captioner + detector): {model_services:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

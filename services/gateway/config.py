@@ -1,0 +1,114 @@
+"""Gateway settings, from ``SNAP2CAPTION_GATEWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from services.gateway.db import default_database_url
+from snap2caption.service import ServiceSettings
+
+Profile = Literal["local", "production"]
+
+
+class Settings(ServiceSettings):
+    """Everything the gateway reads from its environment; defaults give the embedded single-machine setup.
+
+    ``profile=production`` turns API keys on whatever ``auth_enabled`` says; ``local`` leaves the
+    choice to ``auth_enabled`` (off by default, so ``snap2caption up`` works with zero setup).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SNAP2CAPTION_GATEWAY_", extra="ignore")
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    profile: Profile = Field(default="local", description="`production` forces API keys on.")
+
+    # ---- backends
+    captioner_url: str = Field(default="http://127.0.0.1:8001", description="Captioner base URL.")
+    detector_url: str = Field(default="http://127.0.0.1:8002", description="Detector base URL.")
+    connect_timeout_s: float = Field(default=1.0, gt=0, description="TCP connect timeout per backend call.")
+    backend_timeout_s: float = Field(
+        default=10.0, gt=0, description="Read timeout per backend call; also sent as its `timeout_ms`."
+    )
+    retries: int = Field(default=1, ge=0, le=3, description="Retries of a call, on connection errors only.")
+    retry_jitter_s: float = Field(default=0.05, ge=0, description="A retry waits a random 0..this first.")
+    max_connections: int = Field(default=100, ge=1, description="Pooled connections per backend.")
+    breaker_failure_threshold: int = Field(
+        default=5, ge=1, description="Consecutive failed calls that open a backend's circuit."
+    )
+    breaker_cooldown_s: float = Field(
+        default=10.0, gt=0, description="Time an open circuit waits before letting one trial call through."
+    )
+    retry_after_s: float = Field(default=2.0, gt=0, description="Retry-After of 503 `overloaded`.")
+    ready_poll_interval_s: float = Field(
+        default=2.0, gt=0, description="Seconds between backend /readyz polls."
+    )
+    ready_max_age_s: float = Field(
+        default=10.0, gt=0, description="A backend is ready while its last good /readyz is this recent."
+    )
+
+    # ---- inputs
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1, description="Whole request body; reading stops at the cap (413)."
+    )
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Per image.")
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="Width x height per image.")
+    max_batch_images: int = Field(default=16, ge=1, le=64, description="Images per /v1/analyze/batch call.")
+    backend_max_side: int = Field(
+        default=1024, ge=32, description="Longest side of the normalised image the backends get."
+    )
+    backend_image_format: Literal["jpeg", "png"] = Field(
+        default="jpeg", description="Encoding of the normalised image (JPEG q95 4:4:4, or lossless PNG)."
+    )
+    decode_threads: int = Field(default=2, ge=1, le=64, description="Images decoded at once.")
+    allow_private_urls: bool = Field(
+        default=False,
+        description="Let URL fetches reach loopback/private hosts (tests and closed networks only).",
+    )
+    url_connect_timeout_s: float = Field(default=3.0, gt=0)
+    url_read_timeout_s: float = Field(default=10.0, gt=0)
+    url_max_redirects: int = Field(default=3, ge=0, le=10)
+
+    # ---- outputs
+    default_max_tags: int = Field(default=5, ge=1, le=50, description="Tags per image unless asked.")
+    alt_text_min_confidence: float = Field(
+        default=0.35, ge=0, le=1, description="Below this caption confidence alt text falls back to labels."
+    )
+    alt_text_max_chars: int = Field(default=125, ge=20, le=1000, description="Longest alt text.")
+
+    # ---- keys, limits, storage
+    auth_enabled: bool = Field(default=False, description="Require API keys (always on in production).")
+    rate_limit_per_s: float = Field(default=10.0, gt=0, description="Sustained requests per second per key.")
+    rate_limit_burst: int = Field(default=20, ge=1, description="Requests a key may send at once.")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated); empty: CORS off."
+    )
+    database_url: str = Field(
+        default_factory=default_database_url,
+        description="SQLAlchemy URL of API keys, inference log and feedback; default SQLite at "
+        "$SNAP2CAPTION_HOME/gateway.db (the `snap2caption keys` CLI opens the same file).",
+    )
+    retain_images: bool = Field(default=False, description="Keep image bytes in the inference log.")
+    inference_log_queue: int = Field(default=1000, ge=1, description="Records waiting to be written.")
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_auth(self) -> Settings:
+        if self.profile == "production":
+            self.auth_enabled = True
+        if "*" in self.cors_allow_origins:
+            raise ValueError("cors_allow_origins must list origins, not '*'")
+        return self

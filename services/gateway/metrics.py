@@ -1,0 +1,80 @@
+"""The gateway's Prometheus metrics. Dashboards and alert rules are built on these exact names.
+
+Counters are declared without ``_total`` (prometheus-client appends it); every distribution is a
+histogram, so replicas aggregate. The breaker gauge keeps the worst state across workers
+(``multiprocess_mode="livemax"``: a dead worker's last state does not linger).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.gateway.schemas import FEATURES
+from snap2caption.service.metrics import LATENCY_BUCKETS
+
+BACKEND_REQUESTS = Counter(
+    "snap2caption_gateway_backend_requests",
+    "Calls from the gateway to a backend, by outcome (ok, error, timeout, circuit_open).",
+    ["backend", "outcome"],
+)
+BACKEND_DURATION = Histogram(
+    "snap2caption_gateway_backend_duration_seconds",
+    "Wall time of one backend call, retries included.",
+    ["backend"],
+    buckets=LATENCY_BUCKETS,
+)
+BREAKER_STATE = Gauge(
+    "snap2caption_circuit_breaker_state",
+    "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open.",
+    ["backend"],
+    multiprocess_mode="livemax",
+)
+CAPTION_CONFIDENCE = Histogram(
+    "snap2caption_caption_confidence",
+    "Confidence of the captions returned (drift signal).",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+)
+CAPTION_WORDS = Histogram(
+    "snap2caption_caption_words",
+    "Words per returned caption.",
+    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30),
+)
+TAGS_PER_IMAGE = Histogram(
+    "snap2caption_tags_per_image",
+    "Tags returned per image.",
+    buckets=(0, 1, 2, 3, 5, 8, 10, 20, 50),
+)
+OBJECTS_PER_IMAGE = Histogram(
+    "snap2caption_objects_per_image",
+    "Objects returned per image.",
+    buckets=(0, 1, 2, 3, 5, 8, 10, 20, 50, 100),
+)
+ALT_TEXT_FALLBACKS = Counter(
+    "snap2caption_alt_text_fallbacks",
+    "Alt texts built from tags and objects because the caption was missing or unsure.",
+)
+PARTIAL_RESULTS = Counter(
+    "snap2caption_partial_results",
+    "Features left out of a 200 response because their backend failed.",
+    ["feature"],
+)
+INPUT_IMAGE_BYTES = Histogram(
+    "snap2caption_input_image_bytes",
+    "Size of the accepted input images, in bytes.",
+    buckets=(1e3, 1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2e7, 5e7),
+)
+INPUT_IMAGE_PIXELS = Histogram(
+    "snap2caption_input_image_pixels",
+    "Width x height of the accepted input images.",
+    buckets=(1e2, 1e4, 1e5, 3e5, 1e6, 2e6, 5e6, 1e7, 2e7, 5e7, 1e8),
+)
+INPUT_IMAGES = Counter(
+    "snap2caption_input_images",
+    "Accepted input images, by format.",
+    ["format"],
+)
+
+# Every feature's series exists from the start (at 0), so rate() and alerts see a series before the first
+# failure rather than "no data".
+for _feature in FEATURES:
+    PARTIAL_RESULTS.labels(_feature)

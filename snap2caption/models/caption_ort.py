@@ -1,0 +1,145 @@
+"""A caption artifact on ONNX Runtime alone: no torch, no transformers in the process.
+
+The serving path of the ``onnx`` captioner backend. It reads what :func:`~snap2caption.models.caption_onnx.
+export_caption_onnx` put in the artifact (``onnx/encoder.onnx``, ``onnx/decoder.onnx``, optionally the
+int8 decoder ``onnx/decoder.int8.onnx``), the tokenizer, ``config.json`` (preprocessing, sizes, decoding
+defaults) and one tensor of ``model.safetensors``, the token embeddings, read with NumPy. Decoding is
+:func:`snap2caption.models.decoding.generate_numpy`, the NumPy twin of ``CaptionModel.generate``.
+
+Why: ``import torch`` + transformers cost about 700 MB of resident memory per process (measured: 46 MB for
+onnxruntime, +480 MB torch, +240 MB transformers), more than the model itself; the starter services must fit
+in 2 GiB together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.decoding import (
+    Caption,
+    DecodingConfig,
+    SpecialTokens,
+    decoding_problems,
+    generate_numpy,
+    make_caption,
+)
+from snap2caption.models.tokenizer import CaptionTokenizer
+
+ENCODER_FILE = "onnx/encoder.onnx"
+DECODER_FILE = "onnx/decoder.onnx"
+DECODER_INT8_FILE = "onnx/decoder.int8.onnx"
+FORMAT = "snap2caption.caption_model.onnx"
+_WTE_SUFFIX = "transformer.wte.weight"
+
+# (L, N, H, T, D/H) keys and values
+Cache = tuple[np.ndarray, np.ndarray]
+
+
+class CaptionOrt:
+    """Encoder + decoder sessions, token embeddings, tokenizer and decoding defaults of one artifact.
+
+    Args:
+        folder: A caption artifact folder with an ONNX export (verify it first: ``verify_manifest``).
+        threads: Intra-op threads per session.
+        int8: Use the dynamically quantized decoder (``snap2caption export caption --int8``).
+
+    Raises:
+        ValueError: No ONNX export (or no int8 decoder when asked), or files that do not match
+            ``config.json``.
+    """
+
+    def __init__(self, folder: str | Path, threads: int = 1, int8: bool = False) -> None:
+        from safetensors import safe_open
+
+        from snap2caption.models.onnx_io import cpu_session, session_metadata
+
+        folder = Path(folder)
+        info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        model = info["model"]
+        self.tokenizer = CaptionTokenizer.load(folder)
+        if self.tokenizer.describe() != info["tokenizer"]:
+            raise ValueError(f"{folder}: tokenizer {self.tokenizer.describe()} does not match config.json")
+        self.preprocess = Preprocess.from_dict(info["preprocess"])
+        self.decoding = DecodingConfig(**model["decoding"])
+        self.prefix_len = int(model["prefix_len"])
+        self.n_positions = int(model["decoder"]["n_positions"])
+        decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
+        for name in (ENCODER_FILE, decoder_file):
+            if not (folder / name).is_file():
+                raise ValueError(f"{folder} has no {name} (snap2caption export caption{' --int8' * int8})")
+        self.encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
+        self.decoder = cpu_session(folder / decoder_file, threads=threads)
+        with safe_open(str(folder / "model.safetensors"), framework="np") as weights:
+            (key,) = [k for k in weights.keys() if k.endswith(_WTE_SUFFIX)]  # noqa: SIM118 (not a dict)
+            self.wte = np.ascontiguousarray(weights.get_tensor(key), dtype=np.float32)  # (V, D)
+        self.sizes = {
+            "prefix_len": self.prefix_len,
+            "n_layer": int(model["decoder"]["n_layer"]),
+            "n_head": int(model["decoder"]["n_head"]),
+            "n_embd": int(self.wte.shape[1]),
+            "vocab_size": int(self.wte.shape[0]),
+            "crop": self.preprocess.crop,
+        }
+        for session, part in ((self.encoder, "encoder"), (self.decoder, "decoder")):
+            metadata = session_metadata(session)
+            found = {k: json.loads(metadata[k]) for k in self.sizes if k in metadata}
+            expected = metadata.get("snap2caption.format") == FORMAT and metadata.get("part") == part
+            if not expected or found != self.sizes:
+                raise ValueError(f"{folder}: ONNX {part} does not fit config.json: {found}")
+        self.special = SpecialTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        """Most new tokens the decoder's positions allow after the prefix and BOS."""
+        return self.n_positions - self.prefix_len - 1
+
+    def generate(
+        self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
+    ) -> list[Caption]:
+        """Caption (B, 3, H, W) float32 preprocessed images; arguments left None take the model's defaults.
+
+        Raises:
+            ValueError: Settings out of range, or longer than the decoder's positions allow.
+        """
+        given: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+        settings = dataclasses.replace(self.decoding, **{k: v for k, v in given.items() if v is not None})
+        problems = decoding_problems(settings)
+        if settings.max_new_tokens > self.max_new_tokens_limit:
+            problems.append(f"max_new_tokens must be <= {self.max_new_tokens_limit} for this model")
+        if problems:
+            raise ValueError("; ".join(problems))
+        (prefix,) = self.encoder.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})  # (B, P, D)
+        bos = np.broadcast_to(self.wte[self.special.bos], (prefix.shape[0], 1, prefix.shape[2]))
+        prompt = np.concatenate([prefix, bos], axis=1)  # (B, P + 1, D)
+        results = generate_numpy(prompt, self._step, self._embed, _reorder, self.special, settings)
+        return [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.wte[ids][:, None, :]  # (N,) -> (N, 1, D)
+
+    def _step(self, embeds: np.ndarray, cache: Cache | None) -> tuple[np.ndarray, Cache]:
+        if cache is None:
+            s = self.sizes
+            shape = (s["n_layer"], embeds.shape[0], s["n_head"], 0, s["n_embd"] // s["n_head"])
+            empty = np.zeros(shape, np.float32)
+            cache = (empty, empty)
+        logits, keys, values = self.decoder.run(
+            None,
+            {
+                "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+                "past_keys": cache[0],
+                "past_values": cache[1],
+            },
+        )
+        return logits, (keys, values)
+
+
+def _reorder(cache: Cache, rows: np.ndarray) -> Cache:
+    """Pick (and repeat) batch rows of the cache: axis 1 of (L, N, H, T, D/H)."""
+    return np.ascontiguousarray(cache[0][:, rows]), np.ascontiguousarray(cache[1][:, rows])

@@ -1,0 +1,106 @@
+"""The torch-free ONNX Runtime captioner: the NumPy decode loop gives the torch loop's captions, and the
+process never imports torch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from snap2caption.models.artifact import load_caption_model, save_caption_model
+from snap2caption.models.caption import CaptionConfig, build_caption_model
+from snap2caption.models.caption_ort import CaptionOrt
+from snap2caption.models.decoding import DecodingConfig
+from training.caption.export import export_for_serving
+
+TINY = Path(__file__).resolve().parents[3] / "training" / "configs" / "caption" / "tiny.yaml"
+CAPTIONS = ["a red circle left of a blue square", "two green triangles", "a yellow star above a cat"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model, tokenizer = build_caption_model(CaptionConfig.from_yaml(TINY), captions=CAPTIONS * 2)
+    folder = save_caption_model(model.eval(), tokenizer, tmp_path_factory.mktemp("caption") / "artifact")
+    export_for_serving(folder)
+    return folder
+
+
+SETTINGS = {
+    "greedy": DecodingConfig(max_new_tokens=12, num_beams=1),
+    "greedy, penalties": DecodingConfig(
+        max_new_tokens=12, repetition_penalty=1.4, no_repeat_ngram_size=2, min_new_tokens=4
+    ),
+    "beam 3": DecodingConfig(max_new_tokens=12, num_beams=3),
+    "beam 3, penalties": DecodingConfig(
+        max_new_tokens=10, num_beams=3, length_penalty=0.6, repetition_penalty=1.3, no_repeat_ngram_size=2
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_numpy_loop_captions_equal_the_torch_loop(artifact: Path, name: str) -> None:
+    settings = SETTINGS[name]
+    model, _ = load_caption_model(artifact)
+    model.config.decoding = settings
+    runtime = CaptionOrt(artifact)
+    runtime.decoding = settings
+    pixels = (
+        np.random.default_rng(1).standard_normal((5, *runtime.preprocess.output_shape)).astype(np.float32)
+    )
+    with torch.inference_mode():
+        want = model.generate(torch.from_numpy(pixels))
+    got = runtime.generate(pixels)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.confidence for c in got] == pytest.approx([c.confidence for c in want], abs=1e-4)
+    assert any(c.n_tokens > 0 for c in got)
+
+
+def test_settings_are_checked_like_the_torch_model(artifact: Path) -> None:
+    runtime = CaptionOrt(artifact)
+    pixels = np.zeros((1, *runtime.preprocess.output_shape), np.float32)
+    with pytest.raises(ValueError, match="max_new_tokens must be <="):
+        runtime.generate(pixels, max_new_tokens=runtime.max_new_tokens_limit + 1)
+    with pytest.raises(ValueError, match="num_beams"):
+        runtime.generate(pixels, num_beams=0)
+
+
+def test_int8_decoder_stays_close_to_float(artifact: Path) -> None:
+    fp32, int8 = CaptionOrt(artifact), CaptionOrt(artifact, int8=True)
+    int8_bytes = (artifact / "onnx" / "decoder.int8.onnx").stat().st_size
+    assert int8_bytes < (artifact / "onnx" / "decoder.onnx").stat().st_size
+    pixels = np.random.default_rng(2).standard_normal((3, *fp32.preprocess.output_shape)).astype(np.float32)
+    (prefix,) = fp32.encoder.run(None, {"pixels": pixels})
+    bos = np.broadcast_to(fp32.wte[fp32.special.bos], (3, 1, prefix.shape[2]))
+    prompt = np.concatenate([prefix, bos], axis=1)
+    a, _ = fp32._step(prompt, None)
+    b, _ = int8._step(prompt, None)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    assert not np.array_equal(a, b)  # it really is another network
+
+
+def test_an_export_that_does_not_fit_the_config_is_refused(artifact: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(artifact, other)
+    config = (other / "config.json").read_text()
+    (other / "config.json").write_text(config.replace('"prefix_len": ', '"prefix_len": 1', 1))
+    with pytest.raises(ValueError, match=r"does not fit config\.json"):
+        CaptionOrt(other)
+
+
+def test_the_onnx_runtime_never_imports_torch(artifact: Path) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from snap2caption.models.caption_ort import CaptionOrt\n"
+        f"r = CaptionOrt({str(artifact)!r}, int8=True)\n"
+        "r.generate(np.zeros((2, *r.preprocess.output_shape), np.float32), num_beams=2)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'timm') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
