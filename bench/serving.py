@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,13 +133,42 @@ def baseline(artifact: Path, images: list[bytes], n: int, tokens: int, exact: bo
     )  # fmt: skip
 
 
-async def closed_loop(url: str, images: list[bytes], concurrency: int, duration_s: float) -> Level:
+def any_answer(body: dict[str, Any]) -> bool:
+    """Accept every 200 answer (``closed_loop``'s default check)."""
+    return True
+
+
+async def closed_loop(
+    url: str,
+    images: list[bytes],
+    concurrency: int,
+    duration_s: float,
+    *,
+    path: str = "/v1/caption",
+    check: Callable[[dict[str, Any]], bool] = any_answer,
+    name: str | None = None,
+) -> Level:
+    """``concurrency`` clients, each posting a JPEG to ``path``, waiting for the answer, posting the next.
+
+    Args:
+        url: The service's base URL.
+        images: JPEG bytes, sent round-robin.
+        concurrency: Number of clients.
+        duration_s: How long to keep sending.
+        path: The endpoint.
+        check: Whether a 200 answer's JSON body counts as a success; anything else is an error.
+        name: The level's name; default ``service, N clients``.
+
+    Returns:
+        Latency of the successes, throughput, errors, and the mean ``batch_size`` the answers report
+        (0 when they report none).
+    """
     latencies: list[float] = []
     batches: list[int] = []
     errors = 0
     stop_at = time.perf_counter() + duration_s
 
-    async def client(client: httpx.AsyncClient, worker: int) -> None:
+    async def client(http: httpx.AsyncClient, worker: int) -> None:
         nonlocal errors
         i = worker
         while time.perf_counter() < stop_at:
@@ -146,17 +176,16 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, duration_
             i += concurrency
             t0 = time.perf_counter()
             try:
-                response = await client.post(
-                    "/v1/caption", content=data, headers={"content-type": "image/jpeg"}
-                )
+                response = await http.post(path, content=data, headers={"content-type": "image/jpeg"})
             except httpx.HTTPError:
                 errors += 1
                 continue
-            if response.status_code != 200:
+            if response.status_code != 200 or not check(body := response.json()):
                 errors += 1
                 continue
             latencies.append((time.perf_counter() - t0) * 1000)
-            batches.append(response.json()["batch_size"])
+            if "batch_size" in body:  # the model services say how many images shared the forward pass
+                batches.append(body["batch_size"])
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     started = time.perf_counter()
@@ -164,7 +193,7 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, duration_
         await asyncio.gather(*(client(http, w) for w in range(concurrency)))
     seconds = time.perf_counter() - started
     return Level(
-        f"service, {concurrency} clients", concurrency, len(latencies), errors, seconds,
+        name or f"service, {concurrency} clients", concurrency, len(latencies), errors, seconds,
         percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
         len(latencies) / seconds, statistics.fmean(batches) if batches else 0.0,
     )  # fmt: skip

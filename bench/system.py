@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import Level, baseline, free_port, peak_rss_mb, percentile, synth_images
+from serving import Level, baseline, closed_loop, free_port, peak_rss_mb, synth_images
 
 ENDPOINTS = {
     "captioner": ("captioner", "/v1/caption"),
@@ -42,53 +40,9 @@ ENDPOINTS = {
 }
 
 
-@dataclass
-class Result:
-    endpoint: str
-    concurrency: int
-    requests: int
-    errors: int
-    seconds: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    images_per_s: float
-
-
-async def closed_loop(
-    url: str, path: str, images: list[bytes], concurrency: int, duration_s: float
-) -> Result:
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + duration_s
-
-    async def client(http: httpx.AsyncClient, worker: int) -> None:
-        nonlocal errors
-        i = worker
-        while time.perf_counter() < stop_at:
-            data = images[i % len(images)]
-            i += concurrency
-            t0 = time.perf_counter()
-            try:
-                response = await http.post(path, content=data, headers={"content-type": "image/jpeg"})
-            except httpx.HTTPError:
-                errors += 1
-                continue
-            if response.status_code != 200 or response.json().get("errors"):
-                errors += 1
-                continue
-            latencies.append((time.perf_counter() - t0) * 1000)
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-        await asyncio.gather(*(client(http, w) for w in range(concurrency)))
-    seconds = time.perf_counter() - started
-    return Result(
-        path, concurrency, len(latencies), errors, seconds,
-        percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
-        len(latencies) / seconds,
-    )  # fmt: skip
+def no_feature_errors(body: dict[str, Any]) -> bool:
+    """A 200 counts only when every feature answered (the gateway lists failed ones in ``errors``)."""
+    return not body.get("errors")
 
 
 def main() -> None:
@@ -140,15 +94,18 @@ def main() -> None:
             ),
         ]
         running = start_services(specs, workdir / "logs")
-        results: list[Result] = []
+        results: list[Level] = []
         try:
             by_name = {svc.spec.name: svc for svc in running}
             for endpoint in args.endpoints.split(","):
                 service, path = ENDPOINTS[endpoint]
                 url = by_name[service].spec.url
-                asyncio.run(closed_loop(url, path, images, 4, 3.0))  # warm-up
+                load = functools.partial(
+                    closed_loop, url, images, path=path, check=no_feature_errors, name=path
+                )
+                asyncio.run(load(4, 3.0))  # warm-up
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    result = asyncio.run(closed_loop(url, path, images, concurrency, args.duration_s))
+                    result = asyncio.run(load(concurrency, args.duration_s))
                     results.append(result)
                     print(f"{path:<12} {concurrency:>3} clients: p50 {result.p50_ms:.1f} ms, p95 "
                           f"{result.p95_ms:.1f}, {result.images_per_s:.2f} img/s, errors {result.errors}",
@@ -162,7 +119,7 @@ def main() -> None:
 
 
 def report(
-    base: Level, results: list[Result], rss: dict[str, float], args: argparse.Namespace, version: int
+    base: Level, results: list[Level], rss: dict[str, float], args: argparse.Namespace, version: int
 ) -> None:
     print(f"\nstarter services from {args.home} (captioner v{version}), {args.threads} thread(s) per model "
           f"service, cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
@@ -171,12 +128,12 @@ def report(
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.endpoint:<14} {r.concurrency:>7} {r.requests:>8} {r.errors:>8} {r.p50_ms:>8.1f} "
+        print(f"{r.name:<14} {r.concurrency:>7} {r.requests:>8} {r.errors:>8} {r.p50_ms:>8.1f} "
               f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.images_per_s:>8.2f}")  # fmt: skip
     b_p50, b_rate = base.p50_ms, base.images_per_s
     print(f"\nbaseline, HF generate eager one at a time: p50 {b_p50:.1f} ms, {b_rate:.2f} images/s")
     for r in results:
-        if r.endpoint == "/v1/caption":
+        if r.name == "/v1/caption":
             print(f"  /v1/caption {r.concurrency:>3} clients vs baseline: p50 latency ratio "
                   f"{b_p50 / r.p50_ms:.2f}x, throughput ratio {r.images_per_s / b_rate:.2f}x")  # fmt: skip
     print(

@@ -27,7 +27,25 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from snap2caption.api import (
+    FEATURES,
+    AltTextResult,
+    AnalyzeBatchResponse,
+    AnalyzeResult,
+    AnalyzeTimings,
+    BatchItem,
+    Box,
+    CaptionResult,
+    FeatureError,
+    FeedbackResponse,
+    ImageInfo,
+    ItemError,
+    ModelInfo,
+    ObjectResult,
+    TagResult,
+    WireModel,
+)
 
 __all__ = [
     "FEATURES",
@@ -52,7 +70,6 @@ __all__ = [
     "Timings",
 ]
 
-FEATURES = ("caption", "alt_text", "tags", "objects")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 30.0
 # Statuses that mean "the same request may work later"; nothing else is ever retried.
@@ -63,153 +80,15 @@ FeaturesArg = str | Sequence[str] | None
 
 
 # ---------------------------------------------------------------------------------------------- results
+# The answers are the gateway's own response schemas (``snap2caption.api``), under the client's names.
 
-
-class _Wire(BaseModel):
-    # Tolerant on purpose: a newer gateway may add fields; an old client must keep working.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    _raw: dict[str, Any] | None = PrivateAttr(default=None)
-
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The JSON object as the gateway sent it (fields this client does not know included)."""
-        return self._raw if self._raw is not None else self.model_dump(mode="json")
-
-
-class ImageInfo(_Wire):
-    """The analysed image: size after EXIF orientation (the frame boxes are in) and its format."""
-
-    width: int
-    height: int
-    format: str | None = None
-
-
-class Caption(_Wire):
-    """The generated caption and how sure the model is (0..1)."""
-
-    text: str
-    confidence: float | None = None
-
-
-class AltText(_Wire):
-    """Alt text for screen readers, and what it was built from (e.g. ``caption``)."""
-
-    text: str
-    source: str | None = None
-
-
-class Tag(_Wire):
-    """One tag: the plain word, its probability and hashtag."""
-
-    name: str
-    score: float
-    hashtag: str
-
-
-class Box(_Wire):
-    """A box in pixels of the original image after EXIF orientation, (x1, y1) top left."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-
-
-class DetectedObject(_Wire):
-    """One located object."""
-
-    label: str
-    score: float
-    box: Box
-
-
-class ModelInfo(_Wire):
-    """A model version that answered."""
-
-    name: str
-    version: int
-    alias: str | None = None
-    backend: str | None = None
-
-
-class Timings(BaseModel):
-    """Where the time went, in milliseconds; a backend's entry is ``None`` when it was not called.
-
-    Entries a newer gateway adds are kept (``model_extra``).
-    """
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    decode_ms: float | None = None
-    fetch_ms: float | None = None
-    captioner_ms: float | None = None
-    detector_tags_ms: float | None = None
-    detector_objects_ms: float | None = None
-    total_ms: float | None = None
-
-
-class FeatureError(_Wire):
-    """A feature that failed while the others answered (the response is still 200)."""
-
-    feature: str
-    code: str
-    message: str
-
-
-class AnalyzeResult(_Wire):
-    """``POST /v1/analyze``'s answer; features not asked for, or failed (see ``errors``), are ``None``."""
-
-    request_id: str
-    image: ImageInfo
-    caption: Caption | None = None
-    alt_text: AltText | None = None
-    tags: list[Tag] | None = None
-    objects: list[DetectedObject] | None = None
-    models: dict[str, ModelInfo] = Field(default_factory=dict)
-    timings: Timings = Field(default_factory=Timings)
-    errors: list[FeatureError] = Field(default_factory=list)
-
-
-class ItemError(_Wire):
-    """Why one item of a batch failed (code, message and status a single request would have got)."""
-
-    code: str
-    message: str
-    status: int | None = None
-
-
-class BatchItem(_Wire):
-    """One item of a batch: its result, or its error."""
-
-    index: int
-    filename: str | None = None
-    url: str | None = None
-    result: AnalyzeResult | None = None
-    error: ItemError | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the item was analysed."""
-        return self.result is not None
-
-
-class BatchResult(_Wire):
-    """``POST /v1/analyze/batch``'s answer: one item per input, in request order."""
-
-    request_id: str
-    items: list[BatchItem]
-    succeeded: int | None = None
-    failed: int | None = None
-    total_ms: float | None = None
-
-
-class FeedbackReceipt(_Wire):
-    """``POST /v1/feedback``'s answer (201)."""
-
-    request_id: str
-    id: int | str | None = None
-    status: str | None = None
+Caption = CaptionResult
+AltText = AltTextResult
+Tag = TagResult
+DetectedObject = ObjectResult
+Timings = AnalyzeTimings
+BatchResult = AnalyzeBatchResponse
+FeedbackReceipt = FeedbackResponse
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -418,7 +297,7 @@ def _user_agent() -> str:
     return f"snap2caption-client/{__version__}"
 
 
-M = TypeVar("M", bound=_Wire)
+M = TypeVar("M", bound=WireModel)
 
 
 def _parse(response: httpx.Response, model: type[M]) -> M:

@@ -35,17 +35,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ServiceProcess, free_port, torch_threads
+from tests.helpers import COLOURS, ServiceProcess, free_port, torch_threads
+from tests.helpers import image_bytes as colour_png
 
-# The captioner's colours; CAPTIONS[i] is what the tiny model learns to say for the i-th colour.
-COLOURS = {
-    "red": (220, 30, 30),
-    "blue": (30, 30, 220),
-    "green": (30, 200, 30),
-    "yellow": (230, 230, 30),
-    "white": (250, 250, 250),
-    "black": (10, 10, 10),
-}
+# CAPTIONS[i] is what the tiny captioner learns to say for the i-th colour of COLOURS (tests.helpers).
 CAPTIONS = [
     "a man riding a red bike",
     "two women on a blue bench",
@@ -60,13 +53,6 @@ GATEWAY_CAPS = {
     "max_image_pixels": "4000000",
 }
 BACKEND_MAX_SIDE = 256  # the gateway shrinks images to this before the backends see them
-
-
-def colour_png(colour: str, size: tuple[int, int] = (96, 72)) -> bytes:
-    """A solid-colour PNG of ``colour`` (a key of COLOURS)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", size, COLOURS[colour]).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def noise_png(width: int, height: int, seed: int) -> bytes:
@@ -230,10 +216,6 @@ def _train_captioner(train_tiny: Callable[..., Any], decode_image: Callable[...,
     """The tiny captioner, trained until it says every colour's caption (a few seconds at most)."""
     import torch
 
-    from tests.services.captioner import conftest as captioner_conftest
-
-    # train_tiny draws its images from the captioner folder's COLOURS, which are ours too.
-    assert captioner_conftest.COLOURS == COLOURS
     for steps in (120, 240):
         model, tokenizer = train_tiny(CAPTIONS, seed=3, steps=steps)
         images = [decode_image(colour_png(c)).image for c in COLOURS]

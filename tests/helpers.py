@@ -6,6 +6,7 @@ Fixtures built on these live in ``tests/conftest.py``; import these directly as 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -17,8 +18,26 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from PIL import Image
 
 T = TypeVar("T")
+
+# Solid colours the tiny caption models of the captioner and gateway tests learn one caption each for.
+COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (30, 30, 220),
+    "green": (30, 200, 30),
+    "yellow": (230, 230, 30),
+    "white": (250, 250, 250),
+    "black": (10, 10, 10),
+}
+
+
+def image_bytes(colour: str, size: tuple[int, int] = (96, 72), fmt: str = "PNG") -> bytes:
+    """A solid-colour image of ``colour`` (a key of COLOURS), encoded as ``fmt``."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, COLOURS[colour]).save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ from anyio.to_thread import run_sync
 from services.gateway import metrics
 from services.gateway.alt_text import gender_neutral, make_alt_text
 from services.gateway.config import Settings
-from services.gateway.schemas import (
+from snap2caption.api import (
     FEATURES,
     AltTextResult,
     AnalyzeResult,

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.db import feedback, inference_log
+from snap2caption.api import FeedbackResponse
 from snap2caption.data.captions import CaptionPolicy, normalise_caption
 from snap2caption.errors import NotFound, Overloaded
 from snap2caption.service import error_responses
@@ -77,13 +78,6 @@ class FeedbackRequest(BaseModel):
         if self.caption is None and self.rating is None:
             raise ValueError("give a caption, a rating, or both")
         return self
-
-
-class FeedbackResponse(BaseModel):
-    """The stored feedback's id."""
-
-    id: int
-    request_id: str
 
 
 def _insert(engine: Engine, body: FeedbackRequest, key_id: str | None) -> int | None:

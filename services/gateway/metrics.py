@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.gateway.schemas import FEATURES
+from snap2caption.api import FEATURES
 from snap2caption.service.metrics import LATENCY_BUCKETS
 
 BACKEND_REQUESTS = Counter(

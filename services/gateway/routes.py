@@ -29,17 +29,9 @@ from starlette.datastructures import UploadFile
 from services.gateway.config import Settings
 from services.gateway.engine import AnalyzeOptions, Gateway, NormalisedImage
 from services.gateway.inference_log import InferenceRecord
-from services.gateway.schemas import (
-    FEATURES,
-    AnalyzeBatchResponse,
-    AnalyzeBatchUrlRequest,
-    AnalyzeResult,
-    AnalyzeUrlRequest,
-    BatchItem,
-    Feature,
-    ItemError,
-)
+from services.gateway.schemas import AnalyzeBatchUrlRequest, AnalyzeUrlRequest
 from services.gateway.schemas import AnalyzeOptions as OptionsBody
+from snap2caption.api import FEATURES, AnalyzeBatchResponse, AnalyzeResult, BatchItem, Feature, ItemError
 from snap2caption.errors import BadRequest, Overloaded, Snap2CaptionError, UnsupportedFormat, UrlFetchFailed
 from snap2caption.logs import request_id_var
 from snap2caption.net.fetch import FetchPolicy, fetch_url
@@ -137,6 +129,21 @@ GenderNeutralQuery = Annotated[
     bool | None,
     Query(description="Neutral wording (man/woman -> person, boy/girl -> child) in caption and alt text."),
 ]
+
+
+def query_options(
+    features: FeaturesQuery = None,
+    max_tags: MaxTagsQuery = None,
+    min_confidence: MinConfidenceQuery = None,
+    gender_neutral: GenderNeutralQuery = None,
+) -> OptionsBody:
+    """The options in the query string (how uploads carry them; a JSON body's own fields win)."""
+    return OptionsBody(
+        features=features, max_tags=max_tags, min_confidence=min_confidence, gender_neutral=gender_neutral
+    )
+
+
+QueryOptionsDep = Annotated[OptionsBody, Depends(query_options)]
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -320,13 +327,7 @@ def _log(
     openapi_extra=ANALYZE_BODY,
 )
 async def analyze(
-    request: Request,
-    gateway: GatewayDep,
-    principal: PrincipalDep,
-    features: FeaturesQuery = None,
-    max_tags: MaxTagsQuery = None,
-    min_confidence: MinConfidenceQuery = None,
-    gender_neutral: GenderNeutralQuery = None,
+    request: Request, gateway: GatewayDep, principal: PrincipalDep, query: QueryOptionsDep
 ) -> AnalyzeResult:
     """Analyse one image, uploaded (multipart ``file`` or the raw body) or by URL (JSON ``{"url"}``).
 
@@ -334,9 +335,6 @@ async def analyze(
     Boxes are in pixels of the original image after EXIF orientation (``image`` gives its size).
     """
     settings: Settings = gateway.settings
-    query = OptionsBody(
-        features=features, max_tags=max_tags, min_confidence=min_confidence, gender_neutral=gender_neutral
-    )
     options = resolve_options(settings, query, None)
     image: NormalisedImage | None = None
     source: Source | None = None
@@ -370,13 +368,7 @@ async def analyze(
     openapi_extra=BATCH_BODY,
 )
 async def analyze_batch(
-    request: Request,
-    gateway: GatewayDep,
-    principal: PrincipalDep,
-    features: FeaturesQuery = None,
-    max_tags: MaxTagsQuery = None,
-    min_confidence: MinConfidenceQuery = None,
-    gender_neutral: GenderNeutralQuery = None,
+    request: Request, gateway: GatewayDep, principal: PrincipalDep, query: QueryOptionsDep
 ) -> AnalyzeBatchResponse:
     """Analyse up to ``max_batch_images`` images (multipart ``files``, or JSON ``{"urls": [...]}``).
 
@@ -385,9 +377,6 @@ async def analyze_batch(
     """
     started = time.perf_counter()
     settings: Settings = gateway.settings
-    query = OptionsBody(
-        features=features, max_tags=max_tags, min_confidence=min_confidence, gender_neutral=gender_neutral
-    )
     options = resolve_options(settings, query, None)
     cap = settings.max_batch_images
     content_type = request.headers.get("content-type", "")

@@ -85,7 +85,7 @@ def build_starter_models(
     data: Path,
     out: Path,
     *,
-    minutes: float = 9.0,
+    minutes: float = 8.5,
     tracking_uri: str | None = None,
     only: list[str] | None = None,
 ) -> list[str]:
@@ -190,7 +190,11 @@ def _last_line(path: Path) -> str:
     help="[$SNAP2CAPTION_HOME/bootstrap]",
 )
 @click.option(
-    "--minutes", type=click.FloatRange(min=1.0), default=9.0, show_default=True, help="Total budget."
+    "--minutes",
+    type=click.FloatRange(min=1.0),
+    default=8.5,
+    show_default=True,
+    help="Budget: the tagger gets 1.5 min, the rest goes to captioner and detector side by side.",
 )
 @click.option("--only", multiple=True, type=click.Choice(["tagger", "captioner", "detector"]))
 @click.option("--tracking-uri", default=None, help="MLflow URI [$MLFLOW_TRACKING_URI, else embedded SQLite].")

@@ -109,12 +109,12 @@ def export_caption_onnx(model: CaptionModel, folder: str | Path, opset: int = OP
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            _Encoder(model), (pixels,), str(encoder), input_names=["pixels"], output_names=["prefix"],
+            _Encoder(model).eval(), (pixels,), str(encoder), input_names=["pixels"], output_names=["prefix"],
             dynamic_axes={"pixels": {0: "batch"}, "prefix": {0: "batch"}},
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )  # fmt: skip
         torch.onnx.export(
-            _DecoderStep(model),
+            _DecoderStep(model).eval(),  # eval: the exporter restores the wrapper's mode, recursively
             (torch.zeros(1, 2, width), past, past),
             str(decoder),
             input_names=["inputs_embeds", "past_keys", "past_values"],

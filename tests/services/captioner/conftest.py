@@ -8,7 +8,6 @@ hold in any order even though the hot-swap tests move the alias.
 
 from __future__ import annotations
 
-import io
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,24 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from PIL import Image
 
 from snap2caption.imaging import decode_image
 from snap2caption.models.artifact import save_caption_model
 from snap2caption.models.caption import CaptionConfig, CaptionModel, build_caption_model
 from snap2caption.models.tokenizer import CaptionTokenizer
 from snap2caption.registry import Registry
-from tests.helpers import ServiceProcess, torch_threads
+from tests.helpers import COLOURS, ServiceProcess, image_bytes, torch_threads
 
 TINY_CONFIG = Path(__file__).resolve().parents[3] / "training" / "configs" / "caption" / "tiny.yaml"
-COLOURS = {
-    "red": (220, 30, 30),
-    "blue": (30, 30, 220),
-    "green": (30, 200, 30),
-    "yellow": (230, 230, 30),
-    "white": (250, 250, 250),
-    "black": (10, 10, 10),
-}
 CAPTIONS = [
     "a red circle",
     "a blue square",
@@ -45,13 +35,6 @@ CAPTIONS = [
 ]
 IMAGE_MAX_SIDE = 256  # recorded in the artifacts, so the service must read it from there
 MODEL = "captioner"
-
-
-def image_bytes(colour: str, size: tuple[int, int] = (96, 72), fmt: str = "PNG") -> bytes:
-    """A solid-colour image of ``colour`` (a key of COLOURS)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", size, COLOURS[colour]).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def train_tiny(captions: list[str], seed: int, steps: int = 80) -> tuple[CaptionModel, CaptionTokenizer]:

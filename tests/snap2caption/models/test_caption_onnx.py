@@ -67,3 +67,13 @@ def test_an_export_of_another_model_is_refused(exported: Path) -> None:
     )
     with pytest.raises(ValueError, match="does not match"):
         CaptionOnnx.for_model(other, exported)
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
+    """The exporter restores each wrapper's training flag recursively; a wrapper left in train mode once
+    switched the exported model's dropout on (found by running the service tests in another order)."""
+    torch.manual_seed(0)
+    model, tokenizer = build_caption_model(CaptionConfig.from_yaml(TINY), captions=CAPTIONS * 2)
+    folder = save_caption_model(model.eval(), tokenizer, tmp_path / "artifact")
+    export_caption_onnx(model, folder)
+    assert not any(module.training for module in model.modules())
