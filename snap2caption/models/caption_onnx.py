@@ -99,13 +99,29 @@ def export_caption_onnx(model: CaptionModel, folder: str | Path, opset: int = OP
     (folder / "onnx").mkdir(parents=True, exist_ok=True)
     model = model.eval()
     sizes = _sizes(model)
-    heads, width = sizes["n_head"], sizes["n_embd"]
-    pixels = torch.zeros(1, *model.preprocess.output_shape)
-    past = torch.zeros(sizes["n_layer"], 1, heads, 3, width // heads)
     encoder, decoder = folder / ENCODER_FILE, folder / DECODER_FILE
     # The tracer warns about branches on shapes inside transformers' cache and attention code; the
     # exported graph is checked against torch for an empty and a filled past, one and many new
     # positions, greedy and beam search (tests/snap2caption/models/test_caption_onnx.py).
+    # The transformer mapping's nn.TransformerEncoder takes a fused "fast path" in eval mode that the
+    # exporter cannot translate (aten::_transformer_encoder_layer_fwd): trace the plain ops instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _trace(model, encoder, decoder, sizes, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    for path, part in ((encoder, "encoder"), (decoder, "decoder")):
+        set_metadata(path, {"snap2caption.format": FORMAT, "part": part, **sizes})
+    write_manifest(folder)
+    return [encoder, decoder]
+
+
+def _trace(model: CaptionModel, encoder: Path, decoder: Path, sizes: dict[str, int], opset: int) -> None:
+    """Trace the encoder and the decoder step into ``encoder`` and ``decoder`` (TorchScript exporter)."""
+    heads, width = sizes["n_head"], sizes["n_embd"]
+    pixels = torch.zeros(1, *model.preprocess.output_shape)
+    past = torch.zeros(sizes["n_layer"], 1, heads, 3, width // heads)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
@@ -131,10 +147,6 @@ def export_caption_onnx(model: CaptionModel, folder: str | Path, opset: int = OP
             do_constant_folding=True,
             dynamo=False,
         )
-    for path, part in ((encoder, "encoder"), (decoder, "decoder")):
-        set_metadata(path, {"snap2caption.format": FORMAT, "part": part, **sizes})
-    write_manifest(folder)
-    return [encoder, decoder]
 
 
 def has_onnx(folder: str | Path) -> bool:

@@ -45,7 +45,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
-    """CPU session options: ``threads`` intra-op threads, one inter-op thread, no spin-waiting.
+    """CPU session options: ``threads`` intra-op threads, one inter-op thread, no spin-waiting, no arena.
 
     Spinning is off because the cores are shared (other services, other models): a spinning thread burns
     time another process needs.
@@ -60,6 +60,10 @@ def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No memory arena: it keeps the largest batch's buffers for good. Measured on the starter captioner
+    # (batches of 1-16): peak RSS 363 MB without it vs 548 MB with it, the same speed within noise
+    # (b16 607 vs 585 ms, b1 45.5 vs 43.3 ms, then 746 vs 780 and 52.2 vs 53.7 in a second round).
+    options.enable_cpu_mem_arena = False
     return options
 
 

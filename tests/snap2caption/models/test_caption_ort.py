@@ -104,3 +104,23 @@ def test_the_onnx_runtime_never_imports_torch(artifact: Path) -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_transformer_mapping_exports_and_captions_alike(tmp_path: Path) -> None:
+    """The paper config's mapping (nn.TransformerEncoder, whose eval fast path the exporter cannot trace)."""
+    torch.manual_seed(0)
+    config = CaptionConfig.from_yaml(
+        TINY, ["model.mapping.type=transformer", "model.mapping.num_layers=2", "model.mapping.num_heads=2"]
+    )
+    model, tokenizer = build_caption_model(config, captions=CAPTIONS * 2)
+    folder = save_caption_model(model.eval(), tokenizer, tmp_path / "artifact")
+    export_for_serving(folder, int8=False)
+    runtime = CaptionOrt(folder)
+    pixels = (
+        np.random.default_rng(3).standard_normal((2, *runtime.preprocess.output_shape)).astype(np.float32)
+    )
+    with torch.inference_mode():
+        want = model.generate(torch.from_numpy(pixels), max_new_tokens=8)
+    got = runtime.generate(pixels, max_new_tokens=8)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
