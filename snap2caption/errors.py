@@ -61,15 +61,20 @@ class ImageTooLarge(ImageError):
     status = 413
 
 
-class Overloaded(Snap2CaptionError):
-    """A queue is full or the service is shedding load; the client should retry after ``retry_after`` s."""
-
-    code = "overloaded"
-    status = 503
+class RetryLater(Snap2CaptionError):
+    """Base class: an error the client should retry after ``retry_after`` seconds (the ``Retry-After``
+    header the error handler sends)."""
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Overloaded(RetryLater):
+    """A queue is full or the service is shedding load; the client should retry after ``retry_after`` s."""
+
+    code = "overloaded"
+    status = 503
 
 
 class Timeout(Snap2CaptionError):
@@ -108,12 +113,8 @@ class Unauthorized(Snap2CaptionError):
     status = 401
 
 
-class RateLimited(Snap2CaptionError):
+class RateLimited(RetryLater):
     """The caller's key is over its request rate; retry after ``retry_after`` seconds."""
 
     code = "rate_limited"
     status = 429
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after

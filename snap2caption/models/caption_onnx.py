@@ -18,7 +18,6 @@ construction and only the network runs in ONNX Runtime. The token embedding look
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from snap2caption.models.artifact import write_manifest
+from snap2caption.models.caption_ort import DECODER_FILE, ENCODER_FILE, FORMAT, open_sessions
 
 if TYPE_CHECKING:
     from snap2caption.models.caption import CaptionModel
 
-FORMAT = "snap2caption.caption_model.onnx"
-ENCODER_FILE = "onnx/encoder.onnx"
-DECODER_FILE = "onnx/decoder.onnx"
 OPSET = 17
 
 
@@ -186,26 +183,7 @@ class CaptionOnnx:
     def __init__(
         self, folder: str | Path, sizes: dict[str, int], threads: int = 1, int8: bool = False
     ) -> None:
-        from snap2caption.models.caption_ort import DECODER_INT8_FILE
-        from snap2caption.models.onnx_io import cpu_session, session_metadata
-
-        folder = Path(folder)
-        if not has_onnx(folder):
-            raise ValueError(f"{folder} has no ONNX export ({ENCODER_FILE}, {DECODER_FILE})")
-        decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
-        if not (folder / decoder_file).is_file():
-            raise ValueError(f"{folder} has no {decoder_file} (snap2caption export caption --int8)")
-        self.encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
-        self.decoder = cpu_session(folder / decoder_file, threads=threads)
-        for session, part in ((self.encoder, "encoder"), (self.decoder, "decoder")):
-            metadata = session_metadata(session)
-            found = {k: json.loads(metadata[k]) for k in sizes if k in metadata}
-            if (
-                metadata.get("snap2caption.format") != FORMAT
-                or metadata.get("part") != part
-                or found != sizes
-            ):
-                raise ValueError(f"{folder}: ONNX {part} does not match config.json ({found} != {sizes})")
+        self.encoder, self.decoder = open_sessions(Path(folder), sizes, threads=threads, int8=int8)
         self.sizes = sizes
 
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from snap2caption.models.decoding import (
     make_caption,
 )
 from snap2caption.models.tokenizer import CaptionTokenizer
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 ENCODER_FILE = "onnx/encoder.onnx"
 DECODER_FILE = "onnx/decoder.onnx"
@@ -57,8 +60,6 @@ class CaptionOrt:
     def __init__(self, folder: str | Path, threads: int = 1, int8: bool = False) -> None:
         from safetensors import safe_open
 
-        from snap2caption.models.onnx_io import cpu_session, session_metadata
-
         folder = Path(folder)
         info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         model = info["model"]
@@ -69,12 +70,6 @@ class CaptionOrt:
         self.decoding = DecodingConfig(**model["decoding"])
         self.prefix_len = int(model["prefix_len"])
         self.n_positions = int(model["decoder"]["n_positions"])
-        decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
-        for name in (ENCODER_FILE, decoder_file):
-            if not (folder / name).is_file():
-                raise ValueError(f"{folder} has no {name} (snap2caption export caption{' --int8' * int8})")
-        self.encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
-        self.decoder = cpu_session(folder / decoder_file, threads=threads)
         with safe_open(str(folder / "model.safetensors"), framework="np") as weights:
             (key,) = [k for k in weights.keys() if k.endswith(_WTE_SUFFIX)]  # noqa: SIM118 (not a dict)
             self.wte = np.ascontiguousarray(weights.get_tensor(key), dtype=np.float32)  # (V, D)
@@ -86,12 +81,7 @@ class CaptionOrt:
             "vocab_size": int(self.wte.shape[0]),
             "crop": self.preprocess.crop,
         }
-        for session, part in ((self.encoder, "encoder"), (self.decoder, "decoder")):
-            metadata = session_metadata(session)
-            found = {k: json.loads(metadata[k]) for k in self.sizes if k in metadata}
-            expected = metadata.get("snap2caption.format") == FORMAT and metadata.get("part") == part
-            if not expected or found != self.sizes:
-                raise ValueError(f"{folder}: ONNX {part} does not fit config.json: {found}")
+        self.encoder, self.decoder = open_sessions(folder, self.sizes, threads=threads, int8=int8)
         self.special = SpecialTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
 
     @property
@@ -138,6 +128,35 @@ class CaptionOrt:
             },
         )
         return logits, (keys, values)
+
+
+def open_sessions(
+    folder: Path, sizes: dict[str, int], *, threads: int = 1, int8: bool = False
+) -> tuple[onnxruntime.InferenceSession, onnxruntime.InferenceSession]:
+    """The encoder and decoder sessions of an artifact's ONNX export, checked against the model's sizes.
+
+    Shared by this runtime and the torch-attached one (``snap2caption.models.caption_onnx.CaptionOnnx``).
+
+    Raises:
+        ValueError: A file is missing (``int8``: the int8 decoder), or an export of another model.
+    """
+    from snap2caption.models.onnx_io import cpu_session, session_metadata
+
+    decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
+    for name in (ENCODER_FILE, decoder_file):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} has no {name} (snap2caption export caption{' --int8' * int8})")
+    encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
+    decoder = cpu_session(folder / decoder_file, threads=threads)
+    for session, part in ((encoder, "encoder"), (decoder, "decoder")):
+        metadata = session_metadata(session)
+        found = {k: json.loads(metadata[k]) for k in sizes if k in metadata}
+        expected = metadata.get("snap2caption.format") == FORMAT and metadata.get("part") == part
+        if not expected or found != sizes:
+            raise ValueError(
+                f"{folder}: ONNX {part} does not fit config.json: {found} does not match {sizes}"
+            )
+    return encoder, decoder
 
 
 def _reorder(cache: Cache, rows: np.ndarray) -> Cache:
