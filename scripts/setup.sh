@@ -30,6 +30,49 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# ---- containers: only when asked (`make test` and `make images` set SNAP2CAPTION_SETUP_CONTAINERS=1) ----
+# podman with runc, mmdebstrap (the base image, for machines that reach no container registry) and the CNI
+# dnsname plugin (containers find each other by name), then the engine settings podman 4.3 needs on these
+# machines, as a drop-in that leaves /etc/containers/containers.conf alone:
+# - runtime runc: crun refuses hybrid cgroups ("cgroups in hybrid mode not supported");
+# - cgroupfs and file events: there is no systemd;
+# - ulimits at or below the hard limits (podman's defaults ask for more and are refused), nproc at most
+#   32768, the limit podman gives its container monitor (conmon) here.
+if [ "${SNAP2CAPTION_SETUP_CONTAINERS:-0}" = 1 ]; then
+  root_cmd=""
+  [ "$(id -u)" -eq 0 ] || root_cmd="sudo"
+  container_packages=()
+  for pkg in podman runc mmdebstrap golang-github-containernetworking-plugin-dnsname; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || container_packages+=("$pkg")
+  done
+  if [ ${#container_packages[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages for containers: ${container_packages[*]}"
+    $root_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $root_cmd apt-get install -y -qq --no-install-recommends \
+      "${container_packages[@]}"
+  fi
+  nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
+  [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ] && nproc=32768
+  [ "$nofile" = unlimited ] || [ "$nofile" -gt 1048576 ] && nofile=1048576
+  conf=/etc/containers/containers.conf.d/50-snap2caption.conf
+  want="# Written by snap2caption's scripts/setup.sh (why: its containers block).
+[containers]
+default_ulimits = [\"nofile=$nofile:$nofile\", \"nproc=$nproc:$nproc\"]
+
+[engine]
+runtime = \"runc\"
+cgroup_manager = \"cgroupfs\"
+events_logger = \"file\"
+
+[network]
+network_backend = \"cni\""
+  if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
+    echo "setup: writing $conf"
+    $root_cmd mkdir -p "$(dirname "$conf")"
+    printf '%s\n' "$want" | $root_cmd tee "$conf" >/dev/null
+  fi
+fi
+
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, got {sys.version}"'
 # A venv left half-made (an interrupted first run) has no working pip: make it again.
 if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then

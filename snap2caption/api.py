@@ -114,6 +114,7 @@ class AnalyzeTimings(WireModel):
 
 _EXAMPLE: dict[str, Any] = {
     "request_id": "6f1c2d0e9b5a4c7e8d3f2a1b0c9d8e7f",
+    "inference_id": "019a6a4e-3c1d-7b2e-9f40-5d8c2b7a1e63",
     "image": {"width": 640, "height": 480, "format": "jpeg"},
     "caption": {"text": "a dog catching a frisbee in a park", "confidence": 0.62},
     "alt_text": {"text": "A dog catching a frisbee in a park.", "source": "caption"},
@@ -141,6 +142,11 @@ class AnalyzeResult(WireModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE]})
 
     request_id: str
+    inference_id: str | None = Field(
+        default=None,
+        description="This analysis' key in the inference log, made by the gateway (unlike `request_id`, "
+        "which a client may choose and reuse); send it with feedback.",
+    )
     image: ImageInfo
     caption: CaptionResult | None = None
     alt_text: AltTextResult | None = None
@@ -215,7 +221,11 @@ class AnalyzeBatchResponse(WireModel):
 
 
 class FeedbackResponse(WireModel):
-    """The stored feedback's id."""
+    """The stored feedback's id, and the analysis it is about."""
 
     id: int
-    request_id: str
+    inference_id: str | None = Field(default=None, description="The analysis' `inference_id`.")
+    request_id: str = Field(description="The analysis' request id (its correlation id).")
+    image_stored: bool = Field(
+        default=False, description="Whether the image sent with the feedback was kept for training data."
+    )

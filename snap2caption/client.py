@@ -192,6 +192,7 @@ class _Request:
     params: dict[str, str] = field(default_factory=dict)
     json: Any = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
+    data: dict[str, str] | None = None  # text fields of a multipart body
 
     def kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"params": self.params or None}
@@ -199,6 +200,8 @@ class _Request:
             out["json"] = self.json
         if self.files is not None:
             out["files"] = self.files
+        if self.data is not None:
+            out["data"] = self.data
         return out
 
 
@@ -271,17 +274,30 @@ def _batch_request(images: Iterable[ImageInput], options: dict[str, Any]) -> _Re
 
 
 def _feedback_request(
-    request_id: str, caption: str | None, rating: int | None, reason: str | None
+    inference_id: str | None,
+    request_id: str | None,
+    caption: str | None,
+    rating: int | None,
+    reason: str | None,
+    image: bytes | str | Path | None,
 ) -> _Request:
+    if (inference_id is None) == (request_id is None):
+        raise ValueError("name the analysis by its inference_id (or its request_id), one of the two")
     if caption is None and rating is None:
         raise ValueError("feedback needs a corrected caption, a rating, or both")
     if rating is not None and not 1 <= rating <= 5:
         raise ValueError(f"rating must be 1..5, got {rating}")
-    body: dict[str, Any] = {"request_id": request_id}
-    for key, value in (("caption", caption), ("rating", rating), ("reason", reason)):
-        if value is not None:
-            body[key] = value
-    return _Request("POST", "/v1/feedback", json=body)
+    fields = {"inference_id": inference_id, "request_id": request_id, "caption": caption, "rating": rating}
+    body: dict[str, Any] = {k: v for k, v in {**fields, "reason": reason}.items() if v is not None}
+    if image is None:
+        return _Request("POST", "/v1/feedback", json=body)
+    # With the image: the same fields as multipart text fields, the image as `file`.
+    return _Request(
+        "POST",
+        "/v1/feedback",
+        data={k: str(v) for k, v in body.items()},
+        files=[("file", _file_part(image, None))],
+    )
 
 
 def _headers(api_key: str | None, user_agent: str) -> dict[str, str]:
@@ -467,23 +483,36 @@ class Snap2CaptionClient(_ClientBase):
 
     def feedback(
         self,
-        request_id: str,
+        inference_id: str | None = None,
         caption: str | None = None,
         rating: int | None = None,
         reason: str | None = None,
+        *,
+        request_id: str | None = None,
+        image: bytes | str | Path | None = None,
     ) -> FeedbackReceipt:
-        """Send a corrected caption and/or a 1-5 rating for an earlier analysis.
+        """Send a corrected caption and/or a 1-5 rating for an earlier analysis, and maybe its image.
 
         Args:
-            request_id: ``AnalyzeResult.request_id`` of the analysis.
+            inference_id: ``AnalyzeResult.inference_id`` of the analysis.
             caption: The caption it should have given.
             rating: 1 (useless) to 5 (perfect).
             reason: Free text, e.g. what was wrong.
+            request_id: Instead of ``inference_id``: ``AnalyzeResult.request_id`` (the gateway accepts it
+                only when it names one analysis; 409 ``ambiguous_request_id`` otherwise).
+            image: The analysed image (bytes or a path), byte for byte, so that the feedback can become
+                training data although the gateway keeps no images (409 ``image_mismatch`` if it is
+                not the one analysed).
 
         Returns:
             The gateway's receipt.
+
+        Raises:
+            ValueError: Neither or both of ``inference_id`` and ``request_id``, nothing to say, or a
+                rating outside 1..5.
         """
-        return _parse(self._send(_feedback_request(request_id, caption, rating, reason)), FeedbackReceipt)
+        request = _feedback_request(inference_id, request_id, caption, rating, reason, image)
+        return _parse(self._send(request), FeedbackReceipt)
 
 
 class AsyncSnap2CaptionClient(_ClientBase):
@@ -562,12 +591,14 @@ class AsyncSnap2CaptionClient(_ClientBase):
 
     async def feedback(
         self,
-        request_id: str,
+        inference_id: str | None = None,
         caption: str | None = None,
         rating: int | None = None,
         reason: str | None = None,
+        *,
+        request_id: str | None = None,
+        image: bytes | str | Path | None = None,
     ) -> FeedbackReceipt:
-        """Send a corrected caption and/or rating; see ``Snap2CaptionClient.feedback``."""
-        return _parse(
-            await self._send(_feedback_request(request_id, caption, rating, reason)), FeedbackReceipt
-        )
+        """Send feedback on an analysis, and maybe its image; see ``Snap2CaptionClient.feedback``."""
+        request = _feedback_request(inference_id, request_id, caption, rating, reason, image)
+        return _parse(await self._send(request), FeedbackReceipt)

@@ -29,6 +29,13 @@ class NotFound(Snap2CaptionError):
     status = 404
 
 
+class Conflict(Snap2CaptionError):
+    """The request contradicts what the server holds (e.g. feedback's image is not the analysed one)."""
+
+    code = "conflict"
+    status = 409
+
+
 class ImageError(Snap2CaptionError):
     """Base class for every reason an image is refused."""
 
@@ -82,6 +89,13 @@ class Timeout(Snap2CaptionError):
 
     code = "timeout"
     status = 504
+
+
+class RequestTimeout(Snap2CaptionError):
+    """The client sent its request body too slowly (under the minimum rate, or over the total time)."""
+
+    code = "request_timeout"
+    status = 408
 
 
 class NotReady(Snap2CaptionError):

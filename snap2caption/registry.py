@@ -65,6 +65,15 @@ TAG_OVERRIDE_AT = "override_at"
 TAG_OVERRIDE_BY = "override_by"
 TAG_ROLLED_BACK_AT = "rolled_back_at"
 TAG_ROLLED_BACK_BY = "rolled_back_by"
+# The version tags above: what this registry writes about a version itself (a push to another registry
+# writes its own there, and carries over only the caller's tags and the metrics).
+REGISTRY_TAGS = frozenset(
+    {
+        TAG_MANIFEST_SHA256, TAG_REGISTERED_BY, TAG_REGISTERED_AT, TAG_PROMOTED_AT, TAG_PROMOTED_BY,
+        TAG_PROMOTED_FROM, TAG_OVERRIDE, TAG_OVERRIDE_REASON, TAG_OVERRIDE_AT, TAG_OVERRIDE_BY,
+        TAG_ROLLED_BACK_AT, TAG_ROLLED_BACK_BY,
+    }
+)  # fmt: skip
 # Registered-model tags: JSON lists, newest last.
 TAG_PRODUCTION_HISTORY = "production_history"
 TAG_OVERRIDE_HISTORY = "override_history"

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import COLOURS, ServiceProcess, free_port, torch_threads
+from tests.helpers import COLOURS, ServiceProcess, torch_threads
 from tests.helpers import image_bytes as colour_png
 
 # CAPTIONS[i] is what the tiny captioner learns to say for the i-th colour of COLOURS (tests.helpers).
@@ -255,7 +255,7 @@ class ImageServer:
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[ImageServer]:
     """A threaded HTTP server on a free loopback port, serving the files the tests put in it."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _ImageHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)  # the OS picks the port
     files: dict[str, tuple[str, bytes]] = {}
     server.files = files  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -285,12 +285,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) ->
     detector = ServiceProcess("detector", workdir / "detector.log", env=detector_env, cwd=workdir)
     gateway = ServiceProcess("gateway", workdir / "gateway.log", cwd=workdir)
     stack = Stack(captioner, detector, gateway, workdir, uri)
-    gateway.env.update(stack.gateway_env(database_url=f"sqlite:///{workdir / 'gateway-main.db'}"))
     started: list[ServiceProcess] = []
     try:
         with ThreadPoolExecutor(2) as pool:  # each spends most of its start importing torch
             for future in [pool.submit(s.start, 120) for s in (captioner, detector)]:
                 started.append(future.result())
+        # Only now: a backend whose port was taken while it started runs on another one.
+        gateway.env.update(stack.gateway_env(database_url=f"sqlite:///{workdir / 'gateway-main.db'}"))
         started.append(gateway.start(ready_timeout_s=60))
         yield stack
     finally:

@@ -40,11 +40,23 @@ def image_bytes(colour: str, size: tuple[int, int] = (96, 72), fmt: str = "PNG")
     return buffer.getvalue()
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port() gave this session: never given twice
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that no earlier call returned.
+
+    The port is bound later by whoever asked (a service binds only after its lifespan has loaded its
+    model), so two calls must not hand out the same port while neither is bound yet. A process outside
+    this session can still take it meanwhile: :meth:`ServiceProcess.start` retries on another port then.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
@@ -88,15 +100,37 @@ class ServiceProcess:
     ) -> None:
         self.name = name
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._own_port = port is None  # chosen here, so another may replace it (see start)
         self.log_path = log_path
         self.cwd = cwd
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.args = [*args]
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self, ready_timeout_s: float = 30.0) -> ServiceProcess:
-        """Start the process and wait until ``/readyz`` answers 200."""
+        """Start the process and wait until ``/readyz`` answers 200.
+
+        A service binds its port only once its lifespan is done (seconds, for a model service), so a port
+        chosen by :func:`free_port` may be taken by another process meanwhile. When the process exits
+        saying so, it starts again on another free port (twice at most); a port given by the caller is
+        never replaced.
+        """
+        retries = 2 if self._own_port else 0
+        while True:
+            logged = len(self.log())
+            try:
+                return self._launch(ready_timeout_s)
+            except RuntimeError:
+                if retries == 0 or "address already in use" not in self.log()[logged:].lower():
+                    raise
+            retries -= 1
+            self.port = free_port()
+
+    def _launch(self, ready_timeout_s: float) -> ServiceProcess:
         command = [
             sys.executable,
             "-m",

@@ -23,7 +23,7 @@ from services.gateway.config import Settings
 from services.gateway.engine import Gateway
 from services.gateway.routes import authenticate, router
 from snap2caption import __version__
-from snap2caption.service import REQUEST_ID_HEADER, Readiness
+from snap2caption.service import REQUEST_ID_HEADER, BodyPace, Readiness
 from snap2caption.service import create_app as create_service_app
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db_engine = db_engine
         app.state.inference_log = log_writer
         # Limits are per key: without keys every client behind one proxy would share a bucket, and the
-        # embedded setup (and its benchmark of 50 clients on loopback) would throttle itself.
+        # embedded setup (and its benchmark of 50 clients on loopback) would throttle itself. The buckets
+        # live in the database, so every worker and gateway process of a deployment shares them.
         app.state.auth = Auth(
             KeyStore(db_engine) if resolved.auth_enabled else None,
-            RateLimiter(resolved.rate_limit_per_s, resolved.rate_limit_burst)
+            RateLimiter(db_engine, resolved.rate_limit_per_s, resolved.rate_limit_burst)
             if resolved.auth_enabled
             else None,
             enabled=resolved.auth_enabled,
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routers=routers,
         description=DESCRIPTION,
         max_body_bytes=resolved.max_body_bytes,
+        body_pace=BodyPace(resolved.body_min_bytes_per_s, resolved.body_grace_s, resolved.body_max_time_s),
     )
     app.state.settings = resolved
     if resolved.cors_allow_origins:

@@ -4,7 +4,8 @@
   ``s2c_<id>_<random>``; only its SHA-256 is stored (the secret has 192 random bits, so a slow hash
   adds nothing but per-request cost). Lookups are cached for at most ``cache_ttl_s`` (1 s), so a
   revocation made by the CLI in another process takes effect within that time.
-- :class:`RateLimiter` is a token bucket per key, thread-safe, with idle buckets evicted.
+- :class:`RateLimiter` is a token bucket per key in the same database, shared by every gateway worker and
+  process (one atomic statement per request), with full buckets swept.
 - :class:`Auth` puts both together for a request: ``check(api_key, client) -> Principal``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -20,17 +22,30 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Double, Engine, Table, bindparam, case, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.expression import Executable
 
-from services.gateway.db import api_keys
+from services.gateway import metrics
+from services.gateway.db import api_keys, rate_limits
 from snap2caption.errors import Overloaded, RateLimited, Unauthorized
 
 KEY_PREFIX = "s2c"
 # s2c_<12 hex id>_<32 url-safe random chars>; anything else is refused without a database lookup.
 _KEY_FORMAT = re.compile(r"^s2c_([0-9a-f]{12})_([A-Za-z0-9_-]{32})$")
 _SHOWN_CHARS = 4  # random characters kept in `prefix`, enough to tell keys apart in a list
+
+# Slack in the rate limiter's comparison for float sums at Unix-time magnitudes (an ulp of 1.7e9 s is
+# 2.4e-7 s), so `burst` requests at one instant are all allowed however 1 / rate rounds.
+_ROUNDING_S = 1e-6
+# The dialects with an atomic upsert the rate limiter can use (the same API in both).
+_UPSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -207,71 +222,114 @@ class KeyStore:
 
 
 class RateLimiter:
-    """A token bucket per key: ``burst`` requests at once, refilled at ``rate_per_s``.
+    """A token bucket per key, ``burst`` requests at once and ``rate_per_s`` sustained, kept in the gateway
+    database so that every worker and process of a deployment draws from the same buckets.
 
-    Memory stays bounded: a bucket idle long enough to be full again is the same as no bucket, so it
-    is dropped; beyond ``max_keys`` live buckets the least recently used go first.
+    A bucket is stored as GCRA's "theoretical arrival time" ``tat`` (the leaky-bucket form of a token
+    bucket): with ``T = 1 / rate_per_s``, a request at ``now`` is allowed when ``max(tat, now) + T <= now +
+    burst * T``, and then moves ``tat`` to ``max(tat, now) + T``. Exactly a token bucket's decisions, with
+    one number per key, so a request costs one atomic statement: an upsert whose update applies only when
+    the request is allowed, returning the row only then (SQLite >= 3.35 and PostgreSQL both run it as one
+    statement under the row's write lock; no read-modify-write race between processes). A refusal reads
+    the row once more to say how long to wait.
+
+    A bucket whose ``tat`` has passed is full, the same as no row: such rows are swept every
+    ``sweep_interval_s``. Times are Unix seconds from ``clock``; gateways on several hosts need clocks in
+    step to well under ``1 / rate_per_s`` (NTP is plenty).
 
     Args:
+        engine: The gateway database (:func:`services.gateway.db.make_engine`).
         rate_per_s: Sustained requests per second per key.
         burst: Bucket size (requests allowed back to back).
-        clock: Monotonic clock (tests inject one).
-        max_keys: Most buckets kept.
+        clock: Unix time in seconds (tests inject one).
+        sweep_interval_s: How often this process deletes full buckets' rows.
     """
 
     def __init__(
         self,
+        engine: Engine,
         rate_per_s: float,
         burst: int,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.time,
+        sweep_interval_s: float = 60.0,
     ) -> None:
-        if rate_per_s <= 0 or burst < 1 or max_keys < 1:
-            raise ValueError(f"need rate_per_s > 0, burst >= 1, max_keys >= 1 (got {rate_per_s}, {burst})")
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError(f"need rate_per_s > 0 and burst >= 1 (got {rate_per_s}, {burst})")
+        self.engine = engine
         self.rate_per_s = rate_per_s
         self.burst = burst
-        self.max_keys = max_keys
+        self.sweep_interval_s = sweep_interval_s
         self._clock = clock
-        self._refill_s = burst / rate_per_s  # an idle bucket is full again after this
-        # key -> [tokens, last update]; ordered from least to most recently used
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._interval = 1.0 / rate_per_s  # T: the time one token takes to come back
+        self._last_sweep = clock()
+        self._failing = False
         self._lock = threading.Lock()
+        self._take = self._take_statement(engine.dialect.name)
+        self._postgres = engine.dialect.name == "postgresql"
+
+    def _take_statement(self, dialect: str) -> Executable:
+        """The upsert that takes a token: inserts a new bucket, or updates one that allows the request;
+        returns the row only then."""
+        tat = rate_limits.c.tat
+        now = bindparam("now", type_=Double)
+        start = case((tat > now, tat), else_=now)  # max(tat, now), portable
+        values = {"bucket": bindparam("bucket"), "tat": now + self._interval}
+        update_tat = {"tat": start + self._interval}
+        allowed = start + self._interval <= now + self.burst * self._interval + _ROUNDING_S
+        if dialect not in _UPSERTS:
+            raise ValueError(f"rate limits need SQLite or PostgreSQL, not {dialect}")
+        statement: Executable = (
+            _UPSERTS[dialect](rate_limits)
+            .values(values)
+            .on_conflict_do_update(index_elements=[rate_limits.c.bucket], set_=update_tat, where=allowed)
+            .returning(tat)
+        )
+        return statement
 
     def acquire(self, key: str) -> float | None:
-        """Take one token from ``key``'s bucket.
+        """Take one token from ``key``'s bucket (blocking: call it from a worker thread).
+
+        A database that cannot be reached lets the request through (logged once, counted in
+        ``snap2caption_gateway_rate_limit_errors_total``): limits protect capacity, and the backends'
+        own queues still shed load, whereas refusing everything would turn a database hiccup into an
+        outage.
 
         Returns:
             ``None`` when allowed, else the seconds until a token is available.
         """
-        with self._lock:
-            now = self._clock()
-            self._evict_idle(now)
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = [float(self.burst), now]
-                self._buckets[key] = bucket
-                if len(self._buckets) > self.max_keys:
-                    self._buckets.popitem(last=False)
-            else:
-                bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
-                bucket[1] = now
-                self._buckets.move_to_end(key)
-            if bucket[0] >= 1.0:
-                bucket[0] -= 1.0
-                return None
-            return (1.0 - bucket[0]) / self.rate_per_s
+        now = self._clock()
+        started = time.perf_counter()
+        try:
+            with self.engine.begin() as conn:
+                if self._postgres:
+                    # A bucket need not survive a crash (losing it lets a few requests through): skip
+                    # the WAL flush that dominates the commit (p50 3.2 ms -> 0.8 ms measured here).
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                if conn.execute(self._take, {"bucket": key, "now": now}).first() is not None:
+                    wait = None
+                else:
+                    tat = conn.execute(select(rate_limits.c.tat).where(rate_limits.c.bucket == key)).scalar()
+                    wait = max(0.0, (tat or now) + self._interval - now - self.burst * self._interval)
+                if self._sweep_due(now):
+                    conn.execute(delete(rate_limits).where(rate_limits.c.tat < now))
+        except SQLAlchemyError as exc:
+            metrics.RATE_LIMIT_ERRORS.inc()
+            if not self._failing:  # the first of a run of failures, not every request
+                logger.warning("rate limits unavailable, letting requests through: %s", exc)
+            self._failing = True
+            return None
+        metrics.RATE_LIMIT_SECONDS.observe(time.perf_counter() - started)
+        if self._failing:
+            self._failing = False
+            logger.info("rate limits available again")
+        return wait
 
-    def __len__(self) -> int:
-        """Buckets held now."""
+    def _sweep_due(self, now: float) -> bool:
         with self._lock:
-            return len(self._buckets)
-
-    def _evict_idle(self, now: float) -> None:
-        while self._buckets:
-            _key, (_tokens, last) = next(iter(self._buckets.items()))
-            if now - last < self._refill_s:
-                break
-            self._buckets.popitem(last=False)
+            if now - self._last_sweep < self.sweep_interval_s:
+                return False
+            self._last_sweep = now
+            return True
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,19 @@ class Settings(ServiceSettings):
     detector_url: str = Field(default="http://127.0.0.1:8002", description="Detector base URL.")
     connect_timeout_s: float = Field(default=1.0, gt=0, description="TCP connect timeout per backend call.")
     backend_timeout_s: float = Field(
-        default=10.0, gt=0, description="Read timeout per backend call; also sent as its `timeout_ms`."
+        default=10.0,
+        gt=0,
+        description="Longest one backend call may take, retries included; shortened to what is left of the "
+        "request's budget, and sent as the call's `timeout_ms`.",
+    )
+    request_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Budget of an /v1/analyze request once its body is in (URL fetch, decode, backend "
+        "calls): 504 `timeout` when spent with nothing computed. `?timeout_ms=` asks for another.",
+    )
+    max_timeout_s: float = Field(
+        default=60.0, gt=0, description="Largest budget `?timeout_ms=` may ask for (larger ones are capped)."
     )
     retries: int = Field(default=1, ge=0, le=3, description="Retries of a call, on connection errors only.")
     retry_jitter_s: float = Field(default=0.05, ge=0, description="A retry waits a random 0..this first.")
@@ -52,6 +64,15 @@ class Settings(ServiceSettings):
     # ---- inputs
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1, description="Whole request body; reading stops at the cap (413)."
+    )
+    # A body may take body_grace_s plus 1 s per body_min_bytes_per_s bytes received, at most body_max_time_s
+    # (408 `request_timeout` beyond): 1,000 bytes/s is 8 kbit/s, slower than any real network.
+    body_min_bytes_per_s: float = Field(
+        default=1000.0, gt=0, description="Slowest average upload rate accepted after the grace period."
+    )
+    body_grace_s: float = Field(default=10.0, ge=0, description="Time a body gets before its rate counts.")
+    body_max_time_s: float = Field(
+        default=300.0, gt=0, description="Longest a whole request body may take to arrive."
     )
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Per image.")
     max_image_pixels: int = Field(default=50_000_000, ge=1, description="Width x height per image.")
@@ -111,4 +132,12 @@ class Settings(ServiceSettings):
             self.auth_enabled = True
         if "*" in self.cors_allow_origins:
             raise ValueError("cors_allow_origins must list origins, not '*'")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_within_max(self) -> Settings:
+        if self.request_timeout_s > self.max_timeout_s:
+            raise ValueError(
+                f"request_timeout_s ({self.request_timeout_s}) exceeds max_timeout_s ({self.max_timeout_s})"
+            )
         return self

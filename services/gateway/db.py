@@ -2,8 +2,9 @@
 
 SQLite is the embedded default (``$SNAP2CAPTION_HOME/gateway.db``); a Postgres URL
 (``postgresql+psycopg://user:pw@host/db``) runs the same code when one machine is not enough.
-The schema is created when missing, so the gateway, its workers and the ``snap2caption keys`` CLI can
-each open the database first.
+The schema's source of truth is the Alembic revisions in ``services/gateway/migrations/``; the tables
+below must describe the same schema (a test compares them). :func:`make_engine` upgrades the database
+to the newest revision when it opens it, so the gateway, its workers and the CLI can each open it first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Double,
     Engine,
     ForeignKey,
     Index,
@@ -29,15 +31,20 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    inspect,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 logger = logging.getLogger(__name__)
 
-metadata = MetaData()
+# Constraint names as PostgreSQL chooses them by default, given explicitly so that SQLite tables get the
+# same names and a migration can drop a constraint by name on both.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "pk": "%(table_name)s_pkey",
+    "fk": "%(table_name)s_%(column_0_name)s_fkey",
+}
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 api_keys = Table(
     "api_keys",
@@ -55,7 +62,13 @@ api_keys = Table(
 inference_log = Table(
     "inference_log",
     metadata,
-    Column("request_id", String(128), primary_key=True),
+    # Made by the gateway (``inference_log.new_inference_id``, a 36-character UUIDv7) and returned as the
+    # answer's ``inference_id``; rows logged before revision 0002 kept their request id as their id.
+    Column("id", String(160), primary_key=True),
+    # The request's X-Request-ID (the client's own, or made by the gateway; ``<id>.<n>`` for a batch
+    # item, hence wider than the 128 characters a header may have): a correlation id, not unique,
+    # since clients retry with the same one.
+    Column("request_id", String(160), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
     Column("key_id", String(32), nullable=True, index=True),
     Column("image_sha256", String(64), nullable=True, index=True),
@@ -69,14 +82,15 @@ inference_log = Table(
     Column("latencies", JSON, nullable=False),  # {"total": 81.2, "captioner": 60.1} in ms
     Column("status", Integer, nullable=False),
     Column("error_code", String(64), nullable=True),
-    Column("image", LargeBinary, nullable=True),  # retained original bytes, when the gateway keeps them
+    # The original bytes: retained by the gateway (``retain_images``), or sent back with feedback.
+    Column("image", LargeBinary, nullable=True),
 )
 
 feedback = Table(
     "feedback",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(128), ForeignKey("inference_log.request_id"), nullable=False),
+    Column("inference_id", String(160), ForeignKey("inference_log.id"), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("caption", Text, nullable=True),
     Column("rating", Integer, nullable=True),
@@ -84,7 +98,17 @@ feedback = Table(
     Column("key_id", String(32), nullable=True),
     CheckConstraint("rating IS NULL OR (rating BETWEEN 1 AND 5)", name="feedback_rating_range"),
     CheckConstraint("caption IS NOT NULL OR rating IS NOT NULL", name="feedback_caption_or_rating"),
-    Index("ix_feedback_request_id", "request_id"),
+    Index("ix_feedback_inference_id", "inference_id"),
+)
+
+# Rate-limit buckets, shared by every gateway process of a deployment (``auth.RateLimiter``): one row per
+# bucket (``key:<key id>``, or ``client:<address>`` without keys), holding its GCRA "theoretical arrival
+# time" in Unix seconds. A row whose time has passed is a full bucket, the same as no row, and is swept.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("bucket", String(200), primary_key=True),
+    Column("tat", Double, nullable=False, index=True),
 )
 
 
@@ -105,15 +129,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """Open the gateway database at ``url``, creating the folder (SQLite) and the schema when missing.
+def make_engine(url: str, migrate: bool = True) -> Engine:
+    """Open the gateway database at ``url``, creating the folder (SQLite) and upgrading the schema.
 
     Args:
         url: SQLAlchemy URL: ``sqlite:///path/gateway.db``, ``sqlite://`` (in memory, one connection
             shared by all threads) or ``postgresql+psycopg://...``.
+        migrate: Upgrade the schema to the newest revision (see ``services.gateway.migrations``);
+            ``False`` opens the database as it is (to read its revision first).
 
     Returns:
         The engine, ready to use.
+
+    Raises:
+        migrations.SchemaError: The database was migrated by a newer version of the code, or holds tables
+            that no revision made.
     """
     parsed = make_url(url)
     kwargs: dict[str, Any] = {}
@@ -129,16 +159,8 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    _create_schema(engine)
+    if migrate:
+        from services.gateway.migrations import upgrade
+
+        upgrade(engine)
     return engine
-
-
-def _create_schema(engine: Engine) -> None:
-    try:
-        metadata.create_all(engine)
-    except SQLAlchemyError:
-        # Two processes creating the schema at once: the loser's CREATE fails; fine if it now exists.
-        existing = set(inspect(engine).get_table_names())
-        if not set(metadata.tables) <= existing:
-            raise
-        logger.debug("schema created concurrently by another process")

@@ -12,6 +12,19 @@ Request side:
 3. A backend that fails leaves its features out (``errors`` lists them); nothing computable is 503
    ``overloaded``. A backend's 413/415/422 about the image is the caller's error, passed on as such.
 
+The request's deadline (``time.monotonic()``, from its budget) bounds everything: :func:`within_deadline`
+wraps the URL fetch and the decode, and each backend call gets at most what is left of it (the backend is
+told the same, as ``timeout_ms``, so it drops work nobody will wait for). When it runs out:
+
+- a backend that has answered keeps its features and the cut one is listed in ``errors`` with code
+  ``timeout`` (the partial-result rule of one backend failing);
+- nothing computed at all is 504 ``timeout``.
+
+Neither verdict touches the circuit breaker: a caller's short budget says nothing about a backend's
+health. Nor does a backend's 503 ``overloaded``: that is backpressure (a full queue shedding load for a
+moment), and opening the circuit would switch its features off for a whole cooldown. With nothing computed
+because backends shed load, the answer is 503 ``overloaded`` with their Retry-After.
+
 Readiness: a background task polls every backend's ``/readyz``; the gateway is ready while each has
 answered 200 recently.
 """
@@ -25,7 +38,7 @@ import io
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +69,7 @@ from snap2caption.errors import (
     ImageTooLarge,
     Overloaded,
     PayloadTooLarge,
+    Timeout,
     UnsupportedFormat,
 )
 from snap2caption.imaging import DecodeLimits, decode_image, probe_image
@@ -181,14 +195,21 @@ class BackendFailed(Exception):
     """A backend call gave no usable answer; the features it serves are left out of the response.
 
     Attributes:
-        code: ``backend_unavailable``, ``timeout``, ``circuit_open``, or the backend's own error code.
+        code: ``backend_unavailable``, ``timeout``, ``circuit_open``, or the backend's own error code
+            (``overloaded`` when it sheds load).
         message: One line for the client.
+        retry_after: The backend's Retry-After, when it shed load (503 ``overloaded``).
+        by_deadline: The request's deadline cut the call (rather than the backend's own timeout).
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self, code: str, message: str, *, retry_after: float | None = None, by_deadline: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+        self.by_deadline = by_deadline
 
 
 @dataclass(frozen=True)
@@ -239,7 +260,7 @@ class BackendClient:
         self._duration = metrics.BACKEND_DURATION.labels(name)
         self._outcomes = {
             outcome: metrics.BACKEND_REQUESTS.labels(name, outcome)
-            for outcome in ("ok", "error", "timeout", "circuit_open")
+            for outcome in ("ok", "error", "timeout", "circuit_open", "overloaded", "deadline", "cancelled")
         }
 
     async def aclose(self) -> None:
@@ -247,14 +268,31 @@ class BackendClient:
         await self.client.aclose()
 
     async def post_image(
-        self, path: str, image: bytes, content_type: str, params: Mapping[str, Any]
+        self, path: str, image: bytes, content_type: str, params: Mapping[str, Any], *, deadline: float
     ) -> BackendAnswer:
         """POST one image as the raw body; return the JSON answer.
 
+        The call gets ``timeout_s``, or what is left until ``deadline`` when that is less; the backend is
+        sent the same budget as ``timeout_ms``.
+
+        Args:
+            path: The backend route.
+            image: The normalised image.
+            content_type: Its media type.
+            params: Query parameters of the route.
+            deadline: The request's deadline (``time.monotonic()``).
+
         Raises:
-            BackendFailed: Circuit open, connection failure (after the retry), timeout, 5xx, a bad body.
+            BackendFailed: Circuit open, connection failure (after the retry), timeout, the deadline,
+                5xx (503 ``overloaded`` with the backend's Retry-After), a bad body.
             ImageError: The backend refused the image (413/415/422), passed on to the caller as is.
         """
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._outcomes["deadline"].inc()
+            raise BackendFailed("timeout", f"no time left to call the {self.name}", by_deadline=True)
+        budget = min(self.timeout_s, left)
+        by_deadline = left < self.timeout_s  # if it runs out, the caller's budget did, not the backend
         if not self.breaker.allow():
             self._outcomes["circuit_open"].inc()
             raise BackendFailed(
@@ -267,8 +305,12 @@ class BackendClient:
         headers = {"content-type": content_type}
         if rid := request_id_var.get():
             headers["x-request-id"] = rid  # one id across the gateway and backend logs
+        timer = asyncio.timeout(budget)
         try:
-            response = await self._send(path, image, headers, params)
+            async with timer:
+                response = await self._send(
+                    path, image, headers, {**params, "timeout_ms": max(1, int(budget * 1000))}
+                )
             if response.status_code == 200:
                 body = _json_object(response)
                 if body is None:
@@ -281,10 +323,28 @@ class BackendClient:
                 verdict = True  # the backend works; the image is the problem
                 outcome = "ok"
                 raise _IMAGE_ERRORS[code](message)
+            if response.status_code == Overloaded.status and code == Overloaded.code:
+                outcome = "overloaded"  # backpressure: no verdict on the backend's health
+                raise BackendFailed(
+                    code, f"{self.name} is overloaded: {message}", retry_after=_retry_after_s(response)
+                )
+            if response.status_code == Timeout.status and by_deadline:
+                outcome = "deadline"
+                raise BackendFailed(code, f"{self.name} ran out of the request's time", by_deadline=True)
             if response.status_code >= 500:
                 verdict = False
-                outcome = "timeout" if response.status_code == 504 else "error"
+                outcome = "timeout" if response.status_code == Timeout.status else "error"
             raise BackendFailed(code, f"{self.name} answered {response.status_code}: {message}")
+        except TimeoutError as exc:
+            if not timer.expired():
+                raise
+            if by_deadline:
+                outcome = "deadline"
+                raise BackendFailed(
+                    "timeout", f"{self.name} did not answer within the request's time", by_deadline=True
+                ) from exc
+            verdict, outcome = False, "timeout"
+            raise BackendFailed("timeout", f"{self.name} did not answer in {budget:g} s") from exc
         except httpx.TimeoutException as exc:
             verdict, outcome = False, "timeout"
             raise BackendFailed(
@@ -295,6 +355,9 @@ class BackendClient:
             raise BackendFailed(
                 "backend_unavailable", f"{self.name} unreachable: {type(exc).__name__}: {exc}"
             ) from exc
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the request was abandoned (its client left)
+            raise
         finally:
             if verdict is True:
                 self.breaker.record_success()
@@ -342,6 +405,15 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """A response's ``Retry-After`` in seconds, or ``None`` (absent, an HTTP date, nonsense)."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 86_400 else None
 
 
 def _envelope(response: httpx.Response) -> tuple[str, str]:
@@ -424,6 +496,27 @@ def normalise_image(data: bytes, limits: DecodeLimits, max_side: int, encoding: 
 
 
 # ------------------------------------------------------------------------------------------ analysis
+
+
+@contextlib.asynccontextmanager
+async def within_deadline(deadline: float, doing: str) -> AsyncIterator[None]:
+    """Run the block before the request's ``deadline`` (``time.monotonic()``), or stop it there.
+
+    Args:
+        deadline: The request's deadline.
+        doing: What the block does, for the message (``fetching the URL``).
+
+    Raises:
+        Timeout: The deadline passed first (504).
+    """
+    timer = asyncio.timeout(deadline - time.monotonic())
+    try:
+        async with timer:
+            yield
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise Timeout(f"the request's time ran out while {doing}") from None
 
 
 @dataclass(frozen=True)
@@ -528,7 +621,13 @@ class Gateway:
         return image
 
     async def analyze(
-        self, image: NormalisedImage, options: AnalyzeOptions, decode_s: float, fetch_s: float | None = None
+        self,
+        image: NormalisedImage,
+        options: AnalyzeOptions,
+        decode_s: float,
+        fetch_s: float | None = None,
+        *,
+        deadline: float,
     ) -> AnalyzeResult:
         """Call the backends the features need, concurrently, and merge their answers.
 
@@ -537,16 +636,18 @@ class Gateway:
             options: The request's options.
             decode_s: Time spent in :meth:`normalise` (reported in the timings).
             fetch_s: Time spent fetching the URL, for URL requests.
+            deadline: The request's deadline (``time.monotonic()``); no backend call outlives it.
 
         Returns:
             The result; features whose backend failed are ``None`` and listed in ``errors``.
 
         Raises:
             ImageError: A backend refused the image (413/415/422).
+            Timeout: The deadline cut a backend call and nothing requested was computed (504).
             Overloaded: No requested feature could be computed (503 with Retry-After).
         """
         started = time.perf_counter()
-        calls = self._calls(image, options)
+        calls = self._calls(image, options, deadline)
         names = list(calls)
         outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
         answers: dict[str, BackendAnswer] = {}
@@ -561,8 +662,10 @@ class Gateway:
         result = self._merge(image, options, answers, failures)
         if all(getattr(result, feature) is None for feature in options.features):
             reasons = "; ".join(f"{name}: {f.message}" for name, f in failures.items())
+            if any(f.by_deadline for f in failures.values()):
+                raise Timeout(f"the request's time ran out with nothing computed ({reasons})")
             raise Overloaded(
-                f"no requested feature could be computed ({reasons})", retry_after=self._retry_after()
+                f"no requested feature could be computed ({reasons})", retry_after=self._retry_after(failures)
             )
         seconds = {name: answer.seconds for name, answer in answers.items()}
         fan_out_s = time.perf_counter() - started
@@ -576,26 +679,36 @@ class Gateway:
         )
         return result
 
-    def _retry_after(self) -> float:
+    def _retry_after(self, failures: Mapping[str, BackendFailed]) -> float:
+        """Retry-After of a 503: the backends' own when every one shed load, else the gateway's (never
+        before an open circuit lets a call through)."""
+        hints = [f.retry_after for f in failures.values() if f.retry_after is not None]
+        if hints and len(hints) == len(failures):
+            return max(hints)
         waits = [b.breaker.retry_after_s for b in self.backends]
-        return max([self.settings.retry_after_s, *waits])
+        return max([self.settings.retry_after_s, *waits, *hints])
 
-    def _calls(self, image: NormalisedImage, options: AnalyzeOptions) -> dict[str, Awaitable[BackendAnswer]]:
+    def _calls(
+        self, image: NormalisedImage, options: AnalyzeOptions, deadline: float
+    ) -> dict[str, Awaitable[BackendAnswer]]:
         needed = {call for feature in options.features for call in _CALLS_FOR[feature]}
-        timeout_ms = {"timeout_ms": int(self.settings.backend_timeout_s * 1000)}
         conf = {} if options.min_confidence is None else {"conf": options.min_confidence}
         min_score = {} if options.min_confidence is None else {"min_score": options.min_confidence}
+        data, content_type = image.data, image.content_type
         calls: dict[str, Awaitable[BackendAnswer]] = {}
         if "caption" in needed:
             calls["caption"] = self.captioner.post_image(
-                "/v1/caption", image.data, image.content_type, timeout_ms
+                "/v1/caption", data, content_type, {}, deadline=deadline
             )
         if "tags" in needed:
-            params = {**timeout_ms, "top_k": options.max_tags, **min_score}
-            calls["tags"] = self.detector.post_image("/v1/tags", image.data, image.content_type, params)
+            params = {"top_k": options.max_tags, **min_score}
+            calls["tags"] = self.detector.post_image(
+                "/v1/tags", data, content_type, params, deadline=deadline
+            )
         if "objects" in needed:
-            params = {**timeout_ms, **conf}
-            calls["objects"] = self.detector.post_image("/v1/detect", image.data, image.content_type, params)
+            calls["objects"] = self.detector.post_image(
+                "/v1/detect", data, content_type, conf, deadline=deadline
+            )
         return calls
 
     def _merge(

@@ -1,6 +1,9 @@
 """The inference log: every ``/v1/analyze`` answer, written off the request path in batches.
 
-The request handler calls :meth:`InferenceLogWriter.submit`, which never blocks and never raises: when
+Each record's key is made here (:func:`new_inference_id`), never taken from the client: a client that
+resends its ``X-Request-ID`` gets two records with that correlation id, and each answer its own
+``inference_id``. The request handler calls :meth:`InferenceLogWriter.submit`, which never blocks and
+never raises: when
 the queue is full, or the writer is closed or dead, the record is dropped and counted. A background
 thread drains the queue into the database in batches; a batch the database refuses is dropped (counted,
 logged) and the thread carries on with the next one. A log that can drop but never fail a request.
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -41,12 +47,27 @@ for _reason in ("queue_full", "db_error", "closed"):
     DROPPED.labels(_reason)  # export zeros, so alerts on rate() see the series from the start
 
 
+def new_inference_id() -> str:
+    """A new inference log key: a UUIDv7 (RFC 9562), ``0190f5c2-8a4b-7c3d-9e8f-0123456789ab``.
+
+    Its first 48 bits are the Unix time in milliseconds, so new keys sort after old ones and inserts
+    land at the end of the primary key's index; its 74 random bits make a collision, or a guess,
+    practically impossible.
+    """
+    millis = (time.time_ns() // 1_000_000) & ((1 << 48) - 1)
+    value = (millis << 80) | int.from_bytes(secrets.token_bytes(10))
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # the RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
 @dataclass
 class InferenceRecord:
     """One logged inference (``/v1/analyze`` answer, success or failure).
 
     Attributes:
-        request_id: The request id (primary key; feedback refers to it).
+        request_id: The request's ``X-Request-ID`` (``<id>.<n>`` for a batch item): a correlation id,
+            not unique.
         created_at: When the request was answered (timezone-aware UTC).
         key_id: API key id, or ``None`` when keys are off.
         image_sha256: SHA-256 of the original bytes, or ``None`` when the request failed before.
@@ -61,6 +82,8 @@ class InferenceRecord:
         status: HTTP status answered.
         error_code: The error envelope's code, or ``None`` on success.
         image: The original bytes when the gateway retains images (for feedback datasets), else ``None``.
+        id: The record's key, made by the gateway and answered as ``inference_id``; feedback refers
+            to it.
     """
 
     request_id: str
@@ -78,10 +101,12 @@ class InferenceRecord:
     status: int
     error_code: str | None
     image: bytes | None = field(default=None, repr=False)
+    id: str = field(default_factory=new_inference_id)
 
     def row(self) -> dict[str, Any]:
         """The ``inference_log`` table row."""
         return {
+            "id": self.id,
             "request_id": self.request_id,
             "created_at": self.created_at,
             "key_id": self.key_id,
@@ -205,15 +230,15 @@ class InferenceLogWriter:
                 conn.execute(inference_log.insert(), [r.row() for r in batch])
             self._wrote(len(batch))
         except IntegrityError:
-            # Most likely a repeated request id (clients may send their own X-Request-ID): write the
-            # batch one by one so only the offending records are lost.
+            # A record the database refuses (keys are the gateway's own, so not a repeated one): write
+            # the batch one by one so only the offending records are lost.
             for record in batch:
                 try:
                     with self.engine.begin() as conn:
                         conn.execute(inference_log.insert(), [record.row()])
                     self._wrote(1)
                 except Exception as exc:
-                    logger.warning("inference log: record %s dropped: %s", record.request_id, exc)
+                    logger.warning("inference log: record %s dropped: %s", record.id, exc)
                     self._drop("db_error")
         except Exception as exc:
             logger.warning("inference log: batch of %d dropped: %s", len(batch), exc)

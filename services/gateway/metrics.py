@@ -14,7 +14,9 @@ from snap2caption.service.metrics import LATENCY_BUCKETS
 
 BACKEND_REQUESTS = Counter(
     "snap2caption_gateway_backend_requests",
-    "Calls from the gateway to a backend, by outcome (ok, error, timeout, circuit_open).",
+    "Calls from the gateway to a backend, by outcome: ok, error, timeout (the backend's own), "
+    "circuit_open, overloaded (the backend shed load: 503), deadline (the request's time ran out), "
+    "cancelled (its client left).",
     ["backend", "outcome"],
 )
 BACKEND_DURATION = Histogram(
@@ -57,6 +59,15 @@ PARTIAL_RESULTS = Counter(
     "snap2caption_partial_results",
     "Features left out of a 200 response because their backend failed.",
     ["feature"],
+)
+RATE_LIMIT_SECONDS = Histogram(
+    "snap2caption_gateway_rate_limit_seconds",
+    "Time one request spends taking its token from the shared rate-limit buckets (a database round trip).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+RATE_LIMIT_ERRORS = Counter(
+    "snap2caption_gateway_rate_limit_errors",
+    "Rate-limit checks the database could not answer; those requests were let through.",
 )
 INPUT_IMAGE_BYTES = Histogram(
     "snap2caption_input_image_bytes",

@@ -8,13 +8,13 @@ Bodies, judged by ``Content-Type``:
 
 Options come from the query string (``features``, ``max_tags``, ``min_confidence``, ``gender_neutral``);
 in a JSON body its own fields win. Every request passes the API key check (a FastAPI dependency) and
-is written to the inference log after its response is built (one record per image, or per failure).
+is written to the inference log after its response is built (one record per image, or per failure),
+under a key the gateway makes, answered as each result's ``inference_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -24,19 +24,28 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from services.gateway.config import Settings
-from services.gateway.engine import AnalyzeOptions, Gateway, NormalisedImage
-from services.gateway.inference_log import InferenceRecord
+from services.gateway.engine import AnalyzeOptions, Gateway, NormalisedImage, within_deadline
+from services.gateway.inference_log import InferenceRecord, new_inference_id
 from services.gateway.schemas import AnalyzeBatchUrlRequest, AnalyzeUrlRequest
 from services.gateway.schemas import AnalyzeOptions as OptionsBody
 from snap2caption.api import FEATURES, AnalyzeBatchResponse, AnalyzeResult, BatchItem, Feature, ItemError
-from snap2caption.errors import BadRequest, Overloaded, Snap2CaptionError, UnsupportedFormat, UrlFetchFailed
+from snap2caption.errors import (
+    BadRequest,
+    Overloaded,
+    Snap2CaptionError,
+    Timeout,
+    UnsupportedFormat,
+    UrlFetchFailed,
+)
 from snap2caption.logs import request_id_var
 from snap2caption.net.fetch import FetchPolicy, fetch_url
 from snap2caption.service import error_responses
-from snap2caption.serving.inputs import to_ms
+from snap2caption.serving.inputs import request_deadline, to_ms
+from snap2caption.serving.schemas import TimeoutMs
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +113,9 @@ async def authenticate(request: Request) -> Any:
         RateLimited: Over the key's rate (429 with Retry-After).
     """
     client = request.client.host if request.client else "-"
-    answer = request.app.state.auth.check(api_key_of(request), client)
-    principal = await answer if inspect.isawaitable(answer) else answer
+    # On a worker thread: a key lookup and the shared rate limit are database round trips (SQLite may
+    # wait for another process's write), and the event loop must not wait with them.
+    principal = await run_in_threadpool(request.app.state.auth.check, api_key_of(request), client)
     request.state.principal = principal
     return principal
 
@@ -238,9 +248,9 @@ async def _form_uploads(
 
 
 async def _analyze_source(
-    gateway: Gateway, source: Source, options: AnalyzeOptions
+    gateway: Gateway, source: Source, options: AnalyzeOptions, deadline: float
 ) -> tuple[AnalyzeResult, NormalisedImage]:
-    """Fetch (for a URL), decode, normalise and analyse one image."""
+    """Fetch (for a URL), decode, normalise and analyse one image, all before ``deadline`` (504 after)."""
     started = time.perf_counter()
     fetch_s: float | None = None
     data = source.data
@@ -253,7 +263,8 @@ async def _analyze_source(
             max_redirects=s.url_max_redirects,
             allow_private_hosts=s.allow_private_urls,
         )
-        data = (await fetch_url(source.url, policy)).content
+        async with within_deadline(deadline, "fetching the URL"):
+            data = (await fetch_url(source.url, policy)).content
         fetch_s = time.perf_counter() - started
     if not data:
         if source.url is not None:
@@ -261,14 +272,16 @@ async def _analyze_source(
         raise BadRequest("empty image: the upload has no bytes")
     decode_started = time.perf_counter()
     try:
-        image = await gateway.normalise(data)
+        async with within_deadline(deadline, "decoding the image"):
+            image = await gateway.normalise(data)
     except UnsupportedFormat as exc:
         if source.url is None:
             raise
         raise UrlFetchFailed(f"the URL did not return an image: {exc.message}") from None
     decode_s = time.perf_counter() - decode_started
-    result = await gateway.analyze(image, options, decode_s, fetch_s)
+    result = await gateway.analyze(image, options, decode_s, fetch_s, deadline=deadline)
     result.timings.total_ms = to_ms(time.perf_counter() - started)
+    result.inference_id = new_inference_id()  # the key of its inference log record
     return result, image
 
 
@@ -297,6 +310,7 @@ def _log(
         latencies = result.timings.model_dump(exclude_none=True)
     raw_bytes = image.n_bytes if image else len(source.data or b"") if source else 0
     record = InferenceRecord(
+        id=result.inference_id if result is not None and result.inference_id else new_inference_id(),
         request_id=record_id or request_id_var.get() or "-",
         created_at=datetime.now(UTC),
         key_id=getattr(principal, "key_id", None),
@@ -323,16 +337,22 @@ def _log(
     "/analyze",
     response_model=AnalyzeResult,
     summary="Analyse one image: caption, alt text, tags, objects",
-    responses=error_responses(400, 401, 413, 415, 422, 429, 503, 504),
+    responses=error_responses(400, 401, 408, 413, 415, 422, 429, 503, 504),
     openapi_extra=ANALYZE_BODY,
 )
 async def analyze(
-    request: Request, gateway: GatewayDep, principal: PrincipalDep, query: QueryOptionsDep
+    request: Request,
+    gateway: GatewayDep,
+    principal: PrincipalDep,
+    query: QueryOptionsDep,
+    timeout_ms: TimeoutMs = None,
 ) -> AnalyzeResult:
     """Analyse one image, uploaded (multipart ``file`` or the raw body) or by URL (JSON ``{"url"}``).
 
     One backend failing gives 200 with the other features and ``errors``; none answering gives 503.
     Boxes are in pixels of the original image after EXIF orientation (``image`` gives its size).
+    Once the body is in, the request has ``timeout_ms`` (default the gateway's ``REQUEST_TIMEOUT_S``): a
+    backend still working then is left out (``errors``: ``timeout``); nothing computed by then is 504.
     """
     settings: Settings = gateway.settings
     options = resolve_options(settings, query, None)
@@ -352,7 +372,10 @@ async def analyze(
             if not data:
                 raise BadRequest("empty body: send the image bytes, multipart 'file', or JSON {\"url\": ...}")
             source = Source(data=data)
-        result, image = await _analyze_source(gateway, source, options)
+        deadline = request_deadline(
+            time.monotonic(), timeout_ms, settings.request_timeout_s, settings.max_timeout_s
+        )
+        result, image = await _analyze_source(gateway, source, options, deadline)
     except Snap2CaptionError as exc:
         _log(request, options, image=image, error=exc, source=source)
         raise
@@ -364,16 +387,21 @@ async def analyze(
     "/analyze/batch",
     response_model=AnalyzeBatchResponse,
     summary="Analyse up to 16 images; a result or an error per image",
-    responses=error_responses(400, 401, 413, 429, 503),
+    responses=error_responses(400, 401, 408, 413, 429, 503, 504),
     openapi_extra=BATCH_BODY,
 )
 async def analyze_batch(
-    request: Request, gateway: GatewayDep, principal: PrincipalDep, query: QueryOptionsDep
+    request: Request,
+    gateway: GatewayDep,
+    principal: PrincipalDep,
+    query: QueryOptionsDep,
+    timeout_ms: TimeoutMs = None,
 ) -> AnalyzeBatchResponse:
     """Analyse up to ``max_batch_images`` images (multipart ``files``, or JSON ``{"urls": [...]}``).
 
     Each image gets its result or its own error (the status it would have got alone); a bad image never
-    fails the others. The request itself fails only when malformed, or with 503 when every image did.
+    fails the others. The request itself fails only when malformed, or with 503 when every image did
+    for want of capacity (504 when time ran out for any). All images share one ``timeout_ms`` budget.
     """
     started = time.perf_counter()
     settings: Settings = gateway.settings
@@ -391,6 +419,9 @@ async def analyze_batch(
         raise BadRequest("send multipart/form-data with 'files' fields, or JSON {\"urls\": [...]}")
     if len(sources) > cap:
         raise BadRequest(f"at most {cap} images per batch, got {len(sources)}")
+    deadline = request_deadline(
+        time.monotonic(), timeout_ms, settings.request_timeout_s, settings.max_timeout_s
+    )
 
     request_id = request_id_var.get() or "-"
 
@@ -401,7 +432,7 @@ async def analyze_batch(
         image: NormalisedImage | None = None
         item = BatchItem(index=index, filename=source.filename, url=source.url)
         try:
-            item.result, image = await _analyze_source(gateway, source, options)
+            item.result, image = await _analyze_source(gateway, source, options, deadline)
             item.result.request_id = item_id
         except Snap2CaptionError as exc:
             item.error = ItemError(code=exc.code, message=exc.message, status=exc.status)
@@ -412,7 +443,11 @@ async def analyze_batch(
 
     items = await asyncio.gather(*(one(i, s) for i, s in enumerate(sources)))
     failed = sum(1 for item in items if item.error is not None)
-    if failed == len(items) and all(item.error and item.error.code == "overloaded" for item in items):
+    codes = {item.error.code for item in items if item.error is not None}
+    if failed == len(items) and codes <= {Overloaded.code, Timeout.code}:
+        # Every image failed for want of capacity or time: so did the request, as one image alone would.
+        if Timeout.code in codes:
+            raise Timeout("the request's time ran out before any image was analysed")
         raise Overloaded("no image could be analysed: the backends are unavailable", settings.retry_after_s)
     return AnalyzeBatchResponse(
         request_id=request_id,

@@ -12,6 +12,7 @@ from snap2caption import __version__
 from snap2caption.cli.analyze import analyze
 from snap2caption.cli.bootstrap import bootstrap
 from snap2caption.cli.data import data
+from snap2caption.cli.db import db
 from snap2caption.cli.eval import eval_group
 from snap2caption.cli.export import export_group
 from snap2caption.cli.keys import keys
@@ -40,3 +41,4 @@ main.add_command(eval_group)
 main.add_command(export_group)
 main.add_command(analyze)
 main.add_command(keys)
+main.add_command(db)

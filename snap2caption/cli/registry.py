@@ -159,6 +159,83 @@ def promote(ctx: click.Context, name: str, margin: float | None, force: bool, re
 
 
 @registry.command()
+@click.argument("names", nargs=-1)
+@click.option("--to", "target_uri", required=True, help="Tracking URI of the registry to push to.")
+@click.option("--alias", default="production", show_default=True, help="The version to push, in the source.")
+@click.option(
+    "--promote/--no-promote",
+    default=True,
+    show_default=True,
+    help="Promote the pushed version through the target's gate (else it stays its candidate).",
+)
+@click.pass_context
+def push(ctx: click.Context, names: tuple[str, ...], target_uri: str, alias: str, promote: bool) -> None:
+    """Copy NAME@ALIAS (every model that has ALIAS when no NAME is given) into another registry.
+
+    E.g. the models `make up` built, into a compose stack's MLflow server: `snap2caption registry push --to
+    http://127.0.0.1:5000`. The files are downloaded and verified, registered there with their metrics and
+    provenance tags, and promoted through the target's gate (exit 3 when it refuses). A model whose
+    production version there already holds the same files is left alone.
+    """
+    import tempfile
+
+    from snap2caption.registry import (
+        PRODUCTION,
+        REGISTRY_TAGS,
+        TAG_MANIFEST_SHA256,
+        ModelNotFoundError,
+        Registry,
+    )
+
+    def production_there(name: str) -> ModelVersionInfo | None:
+        try:
+            return target.resolve(name, PRODUCTION)
+        except ModelNotFoundError:
+            return None
+
+    def has_alias(name: str) -> bool:
+        try:
+            source.resolve(name, alias)
+        except ModelNotFoundError:
+            return False
+        return True
+
+    refused = False
+    with _clean_errors():
+        source = _registry(ctx)
+        target = Registry(target_uri)
+        todo = list(names) or [m for m in source.list_models() if has_alias(m)]
+        if not todo:
+            raise click.ClickException(f"no model has the alias {alias!r} at {source.tracking_uri}")
+        for name in todo:
+            info = source.resolve(name, alias)
+            there = production_there(name)
+            same_files = there is not None and there.tags.get(TAG_MANIFEST_SHA256) == info.tags.get(
+                TAG_MANIFEST_SHA256
+            )
+            if there is not None and same_files:
+                click.echo(f"{name}: v{info.version} is already {PRODUCTION} there as v{there.version}")
+                continue
+            # Provenance (run, config, dataset, commit) travels; what the target's own register and
+            # promote write (manifest hash, who and when, promotion history) is written there afresh.
+            tags = {k: v for k, v in info.tags.items() if k not in REGISTRY_TAGS}
+            tags["pushed_from"] = f"{source.tracking_uri} {info.uri}"
+            with tempfile.TemporaryDirectory(prefix="snap2caption-push-") as tmp:
+                folder, _ = source.download(name, info.version, tmp)
+                pushed = target.register(
+                    name, folder, metrics=info.metrics, tags=tags, description=info.description or None
+                )
+            line = f"{name}: v{info.version} -> {target.tracking_uri} v{pushed.version}"
+            if promote:
+                result = target.promote(name)
+                refused |= result.status == "refused"
+                line += f"; {result.message}"
+            click.echo(line)
+    if refused:
+        ctx.exit(GATE_REFUSED_EXIT)
+
+
+@registry.command()
 @click.argument("name")
 @click.pass_context
 def rollback(ctx: click.Context, name: str) -> None:

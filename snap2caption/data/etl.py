@@ -836,8 +836,9 @@ def _write_outputs(
     _write_reference(manifests, train_stats)
     data_yaml = out / "dataset.yaml"
     if with_labels:
+        # No `path`: Ultralytics then takes the folder of this file as the root, and the file stays the
+        # same wherever the dataset is built or moved (DVC hashes it; an absolute path differed per clone).
         doc: dict[str, Any] = {
-            "path": str(out.resolve()),
             **{split: f"images/{split}" for split in SPLITS},
             "names": dict(enumerate(dataset.categories)),
         }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from snap2caption.service.app import Readiness, ReadyCheck, create_app
 from snap2caption.service.errors import error_json, retry_after_header
-from snap2caption.service.middleware import REQUEST_ID_HEADER
+from snap2caption.service.middleware import REQUEST_ID_HEADER, BodyPace
 from snap2caption.service.schemas import (
     ErrorBody,
     ErrorResponse,
@@ -25,6 +25,7 @@ from snap2caption.service.server import ServiceSettings, run
 
 __all__ = [
     "REQUEST_ID_HEADER",
+    "BodyPace",
     "ErrorBody",
     "ErrorResponse",
     "HealthResponse",

@@ -3,7 +3,8 @@
 What every app built here gets:
 
 - the error envelope on every route (``snap2caption.service.errors``);
-- the request id (``X-Request-ID``), access log, HTTP metrics and last-resort 500
+- the request id (``X-Request-ID``), access log, HTTP metrics, body cap and pace (408 for a trickling
+  upload), clients that leave counted as 499 (never 500), and the last-resort 500
   (``snap2caption.service.middleware``);
 - ``GET /healthz`` (liveness), ``GET /readyz`` (readiness: lifespan done, not draining, and the
   service's own ``ready_check``), ``GET /metrics`` (Prometheus);
@@ -27,7 +28,7 @@ from snap2caption.errors import NotReady
 from snap2caption.logs import configure_logging
 from snap2caption.service.errors import install_error_handlers
 from snap2caption.service.metrics import READY, mark_worker_dead, render_metrics
-from snap2caption.service.middleware import RequestContextMiddleware
+from snap2caption.service.middleware import BodyPace, RequestContextMiddleware
 from snap2caption.service.schemas import HealthResponse, ReadyResponse, error_responses
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
@@ -60,6 +61,7 @@ def create_app(
     routers: Sequence[APIRouter] = (),
     description: str = "",
     max_body_bytes: int | None = None,
+    body_pace: BodyPace | None = None,
 ) -> FastAPI:
     """Build a service's FastAPI app with the shared plumbing installed.
 
@@ -74,6 +76,7 @@ def create_app(
         routers: The service's routers, included in order.
         description: OpenAPI description.
         max_body_bytes: Cap on request bodies (413 ``payload_too_large`` beyond it), or ``None``.
+        body_pace: Slowest acceptable request body (408 ``request_timeout`` below it), or ``None``.
 
     Returns:
         The app. ``app.state.service``, ``app.state.started`` and ``app.state.draining`` are set.
@@ -108,7 +111,9 @@ def create_app(
     app.state.started = False
     app.state.draining = False
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, service=service, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, service=service, max_body_bytes=max_body_bytes, body_pace=body_pace
+    )
     app.include_router(_ops_router(service, version, ready_check))
     for router in routers:
         app.include_router(router)

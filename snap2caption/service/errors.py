@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from snap2caption.errors import Snap2CaptionError
+from snap2caption.errors import RequestTimeout, Snap2CaptionError
 from snap2caption.logs import request_id_var
 
 # Codes for errors raised by the framework itself (routing, body limits) rather than by our code.
@@ -22,6 +22,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    RequestTimeout.status: RequestTimeout.code,  # a body arriving too slowly (the middleware's BodyTooSlow)
     413: "payload_too_large",
     415: "unsupported_format",
     429: "rate_limited",

@@ -37,9 +37,23 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_DURATION = Histogram(
     "snap2caption_http_request_duration_seconds",
-    "Time from the first byte of the request to the end of the response.",
+    "Time from the first byte of the request to the end of the response (not observed for 408 and 499: "
+    "how long a slow or departed client took says nothing about the service).",
     ["service", "route", "method"],
     buckets=LATENCY_BUCKETS,
+)
+HTTP_CLIENT_DISCONNECTS = Counter(
+    "snap2caption_http_client_disconnects",
+    "Requests the client abandoned before the response was complete (status 499 in "
+    "snap2caption_http_requests), by phase: `upload` (sending the body) or `processing` (awaiting "
+    "the answer).",
+    ["service", "phase"],
+)
+HTTP_SLOW_BODIES = Counter(
+    "snap2caption_http_slow_bodies",
+    "Request bodies cut with 408 `request_timeout`, by reason: `min_rate` (arriving too slowly after the "
+    "grace period) or `max_time` (taking longer than the longest upload allowed).",
+    ["service", "reason"],
 )
 HTTP_IN_FLIGHT = Gauge(
     "snap2caption_http_requests_in_flight",

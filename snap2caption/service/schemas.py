@@ -47,6 +47,7 @@ _DESCRIPTIONS = {
     401: "Missing, unknown or revoked API key (`unauthorized`).",
     404: "Not found (`not_found`).",
     405: "Method not allowed (`method_not_allowed`).",
+    409: "Conflicts with what the server holds (`image_mismatch`, `ambiguous_request_id`).",
     413: "Payload or image too large (`payload_too_large`, `image_too_large`).",
     415: "Not an allowed image format (`unsupported_format`).",
     422: "Corrupt image or failed fetch (`corrupt_image`, `url_fetch_failed`).",

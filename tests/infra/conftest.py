@@ -153,31 +153,31 @@ def monitored_stack(
         },
     )
     gateway_metrics = workdir / "gateway-metrics"
-    gateway = ServiceProcess(
-        "gateway",
-        workdir / "gateway.log",
-        cwd=workdir,
-        env={
-            **home,
-            "PROMETHEUS_MULTIPROC_DIR": str(gateway_metrics),
-            **_prefixed(
-                "GATEWAY",
-                workers=str(GATEWAY_WORKERS),
-                captioner_url=captioner.url,
-                detector_url=detector.url,
-                database_url=f"sqlite:///{workdir / 'gateway.db'}",
-                ready_poll_interval_s="0.3",
-            ),
-        },
-    )
-    services = {"captioner": captioner, "detector": detector, "etl": etl, "gateway": gateway}
+    services = {"captioner": captioner, "detector": detector, "etl": etl}
     prometheus: PrometheusProcess | None = None
     try:
         # Generous timeouts: each start is mostly imports, and the cores are shared with other jobs.
         with ThreadPoolExecutor(3) as pool:
             for future in [pool.submit(s.start, 240) for s in (captioner, detector, etl)]:
                 future.result()
-        gateway.start(ready_timeout_s=120)
+        # Made once the backends run: a port taken while one started is replaced (ServiceProcess.start).
+        services["gateway"] = ServiceProcess(
+            "gateway",
+            workdir / "gateway.log",
+            cwd=workdir,
+            env={
+                **home,
+                "PROMETHEUS_MULTIPROC_DIR": str(gateway_metrics),
+                **_prefixed(
+                    "GATEWAY",
+                    workers=str(GATEWAY_WORKERS),
+                    captioner_url=captioner.url,
+                    detector_url=detector.url,
+                    database_url=f"sqlite:///{workdir / 'gateway.db'}",
+                    ready_poll_interval_s="0.3",
+                ),
+            },
+        ).start(ready_timeout_s=120)
         scrape = {job: [service.url.removeprefix("http://")] for job, service in services.items()}
         prometheus = PrometheusProcess(workdir / "prometheus", scrape, interval_s=1.0).start()
         yield MonitoredStack(services, prometheus, gateway_metrics)

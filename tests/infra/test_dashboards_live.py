@@ -108,10 +108,12 @@ def _traffic(clients: dict[str, httpx.Client]) -> dict[str, list[int]]:
         post(name, path, bad["text"], "application/octet-stream")
         post(name, path, bad["truncated"], "application/octet-stream")
     # Pairs at once: the captioner's second is refused (503), and through the gateway that is a partial
-    # result. Under heavy load the second may come after the first's batch has left the queue: try again.
+    # result. Under heavy load the second may come after the first's batch has left the queue: try again
+    # (for up to a minute, not a number of times: what it takes depends on how busy the cores are).
     refused = partial = False
+    deadline = time.monotonic() + 60
     with ThreadPoolExecutor(2) as pool:
-        for _ in range(10):
+        while time.monotonic() < deadline:
             refused |= any(
                 r.status_code == 503
                 for r in pool.map(lambda c: post("captioner", "/v1/caption", png[c]), ("red", "blue"))
@@ -180,14 +182,19 @@ def test_an_alert_becomes_active_from_live_traffic(
     monitored_stack: MonitoredStack, scraped: dict[str, list[int]]
 ) -> None:
     """The captioner's 503s make BatcherRejecting pending (firing after 2 minutes): rules see live data."""
-    alerts = monitored_stack.prometheus.api("alerts")["alerts"]
-    rejecting = [a for a in alerts if a["labels"]["alertname"] == "BatcherRejecting"]
-    assert any(
-        a["labels"]["job"] == "captioner"
-        and a["labels"]["reason"] == "overloaded"
-        and a["state"] in ("pending", "firing")
-        for a in rejecting
-    ), alerts
+
+    def rejecting() -> bool:
+        alerts = monitored_stack.prometheus.api("alerts")["alerts"]
+        return any(
+            a["labels"]["alertname"] == "BatcherRejecting"
+            and a["labels"]["job"] == "captioner"
+            and a["labels"]["reason"] == "overloaded"
+            and a["state"] in ("pending", "firing")
+            for a in alerts
+        )
+
+    # Each evaluation (every second) may run late when the cores are busy: wait for it, within reason.
+    wait_for(rejecting, 30, "BatcherRejecting to be pending for the captioner", interval_s=0.5)
 
 
 def test_every_panel_query_returns_data(
@@ -200,9 +207,10 @@ def test_every_panel_query_returns_data(
         queries += [(query, substitute(query.expr, values)) for query in panel_queries(path)]
     assert len(queries) > 40
 
-    # Histogram quantiles and rates may need one more scrape or rule evaluation: retry what is empty.
+    # Histogram quantiles and rates may need one more scrape or rule evaluation (later than planned when
+    # the cores are busy): retry what is empty, for a while.
     empty = {query for query, expr in queries if not _has_data(prometheus, expr)}
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while empty and time.monotonic() < deadline:
         time.sleep(1)
         empty = {query for query, expr in queries if query in empty and not _has_data(prometheus, expr)}

@@ -87,6 +87,7 @@ STUB_APP = textwrap.dedent(
                 for key, value in form.multi_items()
                 if hasattr(value, "filename")
             ]
+            record["fields"] = {key: value for key, value in form.multi_items() if isinstance(value, str)}
         elif record["content_type"] == "application/json":
             record["json"] = await request.json()
         seen.append(record)
@@ -234,11 +235,22 @@ def test_batch_uploads_are_repeated_files_fields(stub: Stub, tmp_path: Path) -> 
 
 
 def test_feedback_sends_only_what_was_given(stub: Stub) -> None:
-    stub.script({"status": 201, "json": {"request_id": "rid-1", "id": 7}})
+    receipt_json = {"request_id": "rid-1", "inference_id": "inf-1", "id": 7}
+    stub.script(*[{"status": 201, "json": receipt_json}] * 3)
     with Snap2CaptionClient(stub.url) as client:
-        receipt = client.feedback("rid-1", rating=4)
-    assert receipt.id == 7
-    assert stub.seen()[0]["json"] == {"request_id": "rid-1", "rating": 4}
+        receipt = client.feedback("inf-1", rating=4)
+        client.feedback(request_id="rid-1", caption="a cat")
+        client.feedback("inf-1", rating=2, image=b"\x89PNG image bytes")
+    assert (receipt.id, receipt.inference_id, receipt.image_stored) == (7, "inf-1", False)
+    by_id, by_request_id, with_image = stub.seen()
+    assert by_id["json"] == {"inference_id": "inf-1", "rating": 4}
+    assert by_request_id["json"] == {"request_id": "rid-1", "caption": "a cat"}
+    # With the image: the same fields, as multipart text fields, and the image as `file`.
+    assert with_image["content_type"] == "multipart/form-data"
+    assert with_image["fields"] == {"inference_id": "inf-1", "rating": "2"}
+    assert with_image["files"] == [
+        {"field": "file", "filename": "image-0", "sha256": hashlib.sha256(b"\x89PNG image bytes").hexdigest()}
+    ]
 
 
 def test_bad_arguments_are_refused_before_any_request(stub: Stub) -> None:
@@ -249,9 +261,13 @@ def test_bad_arguments_are_refused_before_any_request(stub: Stub) -> None:
         with pytest.raises(ValueError, match="not a mix"):
             client.analyze_batch([b"x", "https://example.com/a.png"])
         with pytest.raises(ValueError, match="rating"):
-            client.feedback("rid", rating=6)
+            client.feedback("inf", rating=6)
         with pytest.raises(ValueError, match="caption, a rating"):
-            client.feedback("rid")
+            client.feedback("inf")
+        with pytest.raises(ValueError, match="one of the two"):
+            client.feedback(rating=3)
+        with pytest.raises(ValueError, match="one of the two"):
+            client.feedback("inf", request_id="rid", rating=3)
     assert stub.seen() == []
 
 
@@ -300,13 +316,16 @@ def test_unreachable_gateway_is_a_connection_error() -> None:
         client.analyze(b"x")
 
 
-def test_retry_after_parsing() -> None:
+def test_retry_after_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("0.25") == 0.25
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     from email.utils import formatdate
 
-    assert 8 < parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10  # type: ignore[operator]
+    now = 1_700_000_000.0  # a fixed clock: the answer is exact, not a window around a moving now
+    monkeypatch.setattr(time, "time", lambda: now)
+    assert parse_retry_after(formatdate(now + 10, usegmt=True)) == 10.0
+    assert parse_retry_after(formatdate(now - 10, usegmt=True)) == 0.0  # a date already past: no wait
 
 
 # ------------------------------------------------------------------------------------------ retries
@@ -439,10 +458,12 @@ def test_batch_gives_a_result_or_an_error_per_item(stack: Stack) -> None:
 def test_feedback_on_an_analysis_is_stored(stack: Stack) -> None:
     with Snap2CaptionClient(stack.gateway.url, timeout=60) as client:
         result = client.analyze(colour_png("green"), features="caption")
+        assert result.inference_id is not None
         receipt = client.feedback(
-            result.request_id, caption="a kite over a green field", rating=2, reason="no girl"
+            result.inference_id, caption="a kite over a green field", rating=2, reason="no girl"
         )
-    assert receipt.request_id == result.request_id and isinstance(receipt.id, int)
+    assert (receipt.inference_id, receipt.request_id) == (result.inference_id, result.request_id)
+    assert isinstance(receipt.id, int)
 
 
 def test_async_client_analyses_concurrently(stack: Stack) -> None:

@@ -368,7 +368,8 @@
   async function sendFeedback(event) {
     event.preventDefault();
     if (!current) return;
-    const body = { request_id: current.request_id };
+    // The server-made inference_id names this very analysis (a request id may have been reused).
+    const body = { inference_id: current.inference_id };
     const corrected = els.feedbackCaption.value.trim();
     const original = current.caption ? current.caption.text : "";
     if (corrected && corrected !== original) body.caption = corrected;

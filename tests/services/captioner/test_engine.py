@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,17 @@ def artifact(
     return folder
 
 
+@pytest.fixture(scope="module")
+def onnx_artifact(
+    tmp_path_factory: pytest.TempPathFactory, artifact: Path, v1_model: tuple[CaptionModel, CaptionTokenizer]
+) -> Path:
+    """``artifact`` with its ONNX export, in a folder of its own (``artifact`` stays without one)."""
+    folder = tmp_path_factory.mktemp("engine-onnx") / "artifact"
+    shutil.copytree(artifact, folder)
+    export_caption_onnx(v1_model[0], folder)
+    return folder
+
+
 def test_the_onnx_backend_needs_the_export(artifact: Path) -> None:
     with pytest.raises(ValueError, match=r"has no onnx/encoder\.onnx"):
         load_backend("onnx", artifact, image_max_side=None, threads=1)
@@ -33,13 +45,9 @@ def test_the_onnx_backend_needs_the_export(artifact: Path) -> None:
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_onnx_and_torch_backends_caption_alike(
-    artifact: Path, v1_model: tuple[CaptionModel, CaptionTokenizer], num_beams: int
-) -> None:
-    if not (artifact / "onnx").is_dir():
-        export_caption_onnx(v1_model[0], artifact)
-    torch_backend = load_backend("torch", artifact, image_max_side=None, threads=1)
-    onnx_backend = load_backend("onnx", artifact, image_max_side=None, threads=1)
+def test_onnx_and_torch_backends_caption_alike(onnx_artifact: Path, num_beams: int) -> None:
+    torch_backend = load_backend("torch", onnx_artifact, image_max_side=None, threads=1)
+    onnx_backend = load_backend("onnx", onnx_artifact, image_max_side=None, threads=1)
     assert torch_backend.spec == onnx_backend.spec and torch_backend.spec.max_side == IMAGE_MAX_SIDE
     pixels = np.stack([prepare_image(image_bytes(c), torch_backend.spec, DEFAULT_LIMITS) for c in COLOURS])
     options = DecodeOptions(max_new_tokens=24, num_beams=num_beams)

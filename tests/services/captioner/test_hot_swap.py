@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,23 +22,23 @@ pytestmark = pytest.mark.integration
 Answer = tuple[int, int, str]  # (status, version, caption or error body)
 
 
-async def keep_asking(url: str, colours: list[str], stop: asyncio.Event) -> list[list[tuple[str, Answer]]]:
-    """Closed-loop clients, one per colour, asking until ``stop`` is set; every answer, in order."""
+async def keep_asking(url: str, colours: list[str], answers: list[list[tuple[str, Answer]]]) -> None:
+    """Closed-loop clients, one per colour, each appending every answer, in order, to its own list of
+    ``answers``, until cancelled."""
 
-    async def client_loop(client: httpx.AsyncClient, colour: str) -> list[tuple[str, Answer]]:
-        answers: list[tuple[str, Answer]] = []
+    async def client_loop(client: httpx.AsyncClient, colour: str, mine: list[tuple[str, Answer]]) -> None:
         body = image_bytes(colour)
-        while not stop.is_set():
+        while True:
             response = await client.post("/v1/caption", content=body, headers={"content-type": "image/png"})
             if response.status_code == 200:
                 data = response.json()
-                answers.append((colour, (200, data["model"]["version"], data["results"][0]["caption"])))
+                mine.append((colour, (200, data["model"]["version"], data["results"][0]["caption"])))
             else:
-                answers.append((colour, (response.status_code, 0, response.text)))
-        return answers
+                mine.append((colour, (response.status_code, 0, response.text)))
 
+    answers[:] = [[] for _ in colours]
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        return await asyncio.gather(*(client_loop(client, c) for c in colours))
+        await asyncio.gather(*(client_loop(client, c, a) for c, a in zip(colours, answers, strict=True)))
 
 
 def serving_version(deployment: Deployment) -> int:
@@ -45,35 +47,45 @@ def serving_version(deployment: Deployment) -> int:
     return version
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` (each poll off the event loop, where the clients run) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
 def test_promotion_under_load_swaps_without_a_failed_request(
     deployment: Deployment, v2_model: tuple[CaptionModel, CaptionTokenizer]
 ) -> None:
     before = serving_version(deployment)
     colours = list(itertools.islice(itertools.cycle(COLOURS), 12))
-    new_version = 0
+    per_client: list[list[tuple[str, Answer]]] = []
 
-    async def scenario() -> list[list[tuple[str, Answer]]]:
-        nonlocal new_version
-        stop = asyncio.Event()
-        load = asyncio.create_task(keep_asking(deployment.service.url, colours, stop))
-        await asyncio.sleep(0.5)  # the old version answers under load first
+    def every_client_saw(version: int) -> bool:
+        return len(per_client) == len(colours) and all(
+            any(answer[1] == version for _, answer in mine) for mine in per_client
+        )
+
+    async def scenario() -> int:
+        load = asyncio.create_task(keep_asking(deployment.service.url, colours, per_client))
+        # Events, not sleeps: every client is answered by the old version under load first, the swap
+        # happens while they keep asking, and every client is answered by the new one after.
+        await until(lambda: every_client_saw(before), f"every client to get v{before}")
         new_version = await asyncio.to_thread(deployment.register, *v2_model)
-        started = time.monotonic()
-        while serving_version(deployment) != new_version:
-            assert time.monotonic() - started < 20, "the new version never took over"
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # and the new one answers under load after
-        stop.set()
-        return await load
+        await until(lambda: serving_version(deployment) == new_version, f"v{new_version} to take over")
+        await until(lambda: every_client_saw(new_version), f"every client to get v{new_version}")
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+        return new_version
 
-    per_client = asyncio.run(scenario())
-    answers = [a for client in per_client for a in client]
-    assert len(answers) > 50
-    for colour, (status, version, text) in answers:
+    new_version = asyncio.run(scenario())
+    for colour, (status, version, text) in (a for mine in per_client for a in mine):
         assert status == 200, text
         assert text == deployment.expected(version, colour)
-    for client in per_client:
-        versions = [version for _, (_, version, _) in client]
+    for mine in per_client:
+        versions = [version for _, (_, version, _) in mine]
         assert versions == sorted(versions)  # old ... old, new ... new: never back
         assert versions[0] == before and versions[-1] == new_version
     assert deployment.metric("snap2caption_model_info", model=MODEL, version=str(before)) == 0

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.gateway_stack import metric
 from tests.helpers import ServiceProcess, wait_for
 from tests.services.etl.etl_helpers import CORRUPT, SMALL_IMAGES
 
@@ -49,6 +50,8 @@ def assert_envelope(response: httpx.Response, status: int, code: str) -> str:
 
 
 def test_job_lifecycle_reports_counts_and_quarantine(etl: ServiceProcess, data_root: Path) -> None:
+    quarantined = ("snap2caption_etl_images_total", {"outcome": "quarantined"})
+    quarantined_before = metric(etl.url, quarantined[0], **quarantined[1]) or 0  # other tests' jobs
     with etl.client() as client:
         response = client.post("/v1/jobs", json=job_body("out/lifecycle"))
         assert response.status_code == 202, response.text
@@ -59,7 +62,8 @@ def test_job_lifecycle_reports_counts_and_quarantine(etl: ServiceProcess, data_r
         assert response.headers["location"] == f"/v1/jobs/{job['id']}"
 
         done, seen = wait_finished(client, job["id"])
-    assert "running" in seen
+    # Whether a poll lands while it runs is timing (test_etl_restart.py waits for "running" itself).
+    assert seen <= {"queued", "running", "succeeded"}, seen
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 1
     counts = done["counts"]
@@ -80,7 +84,7 @@ def test_job_lifecycle_reports_counts_and_quarantine(etl: ServiceProcess, data_r
 
     metrics = httpx.get(f"{etl.url}/metrics").text
     assert 'snap2caption_etl_jobs_total{status="succeeded"}' in metrics
-    assert 'snap2caption_etl_images_total{outcome="quarantined"} 1.0' in metrics
+    assert metric(etl.url, quarantined[0], **quarantined[1]) == quarantined_before + 1
     assert "snap2caption_etl_job_duration_seconds_count" in metrics
 
 
@@ -97,16 +101,21 @@ def test_failed_job_says_why(etl: ServiceProcess, data_root: Path) -> None:
 
 
 def test_list_is_newest_first_with_limit_and_status(etl: ServiceProcess) -> None:
+    # Its own jobs only: other tests of the module may or may not have run before (random order).
     with etl.client() as client:
-        ids = [client.post("/v1/jobs", json=job_body(f"out/list-{i}")).json()["id"] for i in range(2)]
+        ids = [client.post("/v1/jobs", json=job_body(f"out/list-{i}")).json()["id"] for i in range(3)]
         listed = client.get("/v1/jobs", params={"limit": 2}).json()["jobs"]
-        assert [job["id"] for job in listed] == ids[::-1]
+        assert [job["id"] for job in listed] == ids[:0:-1]  # the newest two
         assert all("quarantined" not in job for job in listed)  # the list stays small; ask one job for it
         assert len(client.get("/v1/jobs", params={"limit": 1}).json()["jobs"]) == 1
-        everything = client.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]
-        assert len(everything) >= 4  # the earlier tests' jobs too
+        everything = [job["id"] for job in client.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]]
+        assert set(ids) <= set(everything)
+        for job_id in ids:  # finished before the next test, which may count what jobs do
+            done, _ = wait_finished(client, job_id)
+            assert done["status"] == "succeeded", done
         succeeded = client.get("/v1/jobs", params={"status": "succeeded"}).json()["jobs"]
-        assert succeeded and {job["status"] for job in succeeded} == {"succeeded"}
+        assert ids[0] in {job["id"] for job in succeeded}
+        assert {job["status"] for job in succeeded} == {"succeeded"}
 
 
 BAD_BODIES = {

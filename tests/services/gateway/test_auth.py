@@ -1,14 +1,15 @@
-"""API keys (hashing, verify, revocation within the cache TTL), the token bucket and ``Auth.check``."""
+"""API keys (hashing, verify, revocation within the cache TTL) and ``Auth.check`` (the token bucket itself:
+``test_rate_limit_shared.py``)."""
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
+from services.gateway import auth as auth_module
 from services.gateway.auth import Auth, KeyStore, Principal, RateLimiter
 from services.gateway.db import api_keys, make_engine
 from snap2caption.errors import Overloaded, RateLimited, Unauthorized
@@ -41,7 +42,10 @@ def test_secret_is_never_stored_only_its_hash(db_url: str, tmp_path: Path) -> No
         stored = conn.execute(select(api_keys.c.hash)).scalar_one()
     assert stored == "sha256$" + hashlib.sha256(secret.encode()).hexdigest()
     engine.dispose()  # checkpoint the WAL into the file
-    random_part = secret.rsplit("_", 1)[1].encode()
+    # By position, not by splitting on "_": the url-safe random part may itself contain "_" (split, it
+    # could leave a 1-character "secret" that occurs in any file by chance).
+    random_part = secret.removeprefix(f"s2c_{key.id}_").encode()
+    assert len(random_part) == 32
     files = list((tmp_path / "nested").iterdir())
     assert files, "the database file was created in a new folder"
     for path in files:
@@ -64,6 +68,18 @@ def test_verify_accepts_the_secret_and_refuses_everything_else(db_url: str) -> N
         f"s2c_{'0' * 12}_{'a' * 32}",  # well-formed, unknown id
     ]:
         assert store.verify(attempt) is None, attempt
+
+
+def test_a_random_part_with_underscores_and_dashes_verifies(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id has a fixed length, so a random part full of the separator still parses as the key's."""
+    store = KeyStore(make_engine(db_url))
+    monkeypatch.setattr(auth_module.secrets, "token_urlsafe", lambda n: "_-_" * 10 + "_a")  # 32 chars
+    key, secret = store.create("underscores")
+    assert secret == f"s2c_{key.id}_" + "_-_" * 10 + "_a"
+    assert store.verify(secret) == key
+    assert store.verify(secret[:-1] + "b") is None
 
 
 def test_list_and_revoke(db_url: str) -> None:
@@ -100,72 +116,16 @@ def test_key_names_are_checked(db_url: str) -> None:
         store.create("x" * 201)
 
 
-# --- rate limiter ------------------------------------------------------------------------------------
-
-
-def test_token_bucket_allows_a_burst_then_the_rate() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(rate_per_s=2.0, burst=3, clock=clock)
-    assert [limiter.acquire("k") for _ in range(3)] == [None, None, None]
-    assert limiter.acquire("k") == pytest.approx(0.5)
-    clock.advance(0.25)
-    assert limiter.acquire("k") == pytest.approx(0.25)  # a refused request takes nothing
-    clock.advance(0.25)
-    assert limiter.acquire("k") is None
-    assert limiter.acquire("k") == pytest.approx(0.5)
-    assert limiter.acquire("other") is None  # every key has its own bucket
-    clock.advance(100)
-    assert [limiter.acquire("k") for _ in range(4)] == [None, None, None, pytest.approx(0.5)]  # never > burst
-
-
-def test_idle_buckets_are_evicted_and_memory_is_bounded() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(rate_per_s=10.0, burst=5, clock=clock, max_keys=100)
-    for i in range(50):
-        limiter.acquire(f"client-{i}")
-    assert len(limiter) == 50
-    clock.advance(0.5)  # burst / rate: every bucket is full again, as good as new
-    limiter.acquire("late")
-    assert len(limiter) == 1
-    for i in range(1000):
-        limiter.acquire(f"flood-{i}")
-    assert len(limiter) == 100
-
-
-def test_rate_limiter_is_thread_safe() -> None:
-    limiter = RateLimiter(rate_per_s=1e-6, burst=50, clock=FakeClock())  # no refill during the test
-    allowed = []
-    lock = threading.Lock()
-
-    def hammer() -> None:
-        mine = sum(1 for _ in range(100) if limiter.acquire("shared") is None)
-        with lock:
-            allowed.append(mine)
-
-    threads = [threading.Thread(target=hammer) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(allowed) == 50
-
-
-def test_rate_limiter_rejects_nonsense() -> None:
-    with pytest.raises(ValueError):
-        RateLimiter(rate_per_s=0, burst=1)
-    with pytest.raises(ValueError):
-        RateLimiter(rate_per_s=1, burst=0)
-
-
 # --- Auth.check ---------------------------------------------------------------------------------------
 
 
 def test_auth_enabled_requires_a_valid_key_and_limits_per_key(db_url: str) -> None:
-    store = KeyStore(make_engine(db_url))
+    engine = make_engine(db_url)
+    store = KeyStore(engine)
     key, secret = store.create("svc")
     other, other_secret = store.create("other")
     clock = FakeClock()
-    auth = Auth(store, RateLimiter(rate_per_s=1.0, burst=2, clock=clock), enabled=True)
+    auth = Auth(store, RateLimiter(engine, rate_per_s=1.0, burst=2, clock=clock), enabled=True)
     with pytest.raises(Unauthorized):
         auth.check(None, "10.0.0.1")
     with pytest.raises(Unauthorized):
@@ -183,8 +143,10 @@ def test_auth_enabled_requires_a_valid_key_and_limits_per_key(db_url: str) -> No
         auth.check(secret, "10.0.0.1")
 
 
-def test_auth_disabled_limits_by_client_address() -> None:
-    auth = Auth(None, RateLimiter(rate_per_s=1.0, burst=1, clock=FakeClock()), enabled=False)
+def test_auth_disabled_limits_by_client_address(db_url: str) -> None:
+    auth = Auth(
+        None, RateLimiter(make_engine(db_url), rate_per_s=1.0, burst=1, clock=FakeClock()), enabled=False
+    )
     assert auth.check(None, "10.0.0.1") == Principal(key_id=None)
     with pytest.raises(RateLimited):
         auth.check("anything", "10.0.0.1")

@@ -1,17 +1,10 @@
-"""The same gateway database code on a real PostgreSQL server (a throwaway cluster on a loopback port).
-
-Skipped, saying why, when PostgreSQL's ``initdb``/``pg_ctl`` or the ``psycopg`` driver is not installed.
-"""
+"""The same gateway database code on a real PostgreSQL server (a throwaway cluster on a loopback port,
+from ``conftest.py``; skipped, saying why, when PostgreSQL or the ``psycopg`` driver is not installed)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +16,6 @@ from services.gateway.auth import KeyStore
 from services.gateway.db import feedback, inference_log, make_engine
 from services.gateway.feedback import export_feedback
 from services.gateway.inference_log import InferenceLogWriter, InferenceRecord
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,53 +40,15 @@ def pg_record(request_id: str, **changes: Any) -> InferenceRecord:
     return dataclasses.replace(record, **changes)
 
 
-def _pg_binary(name: str) -> str | None:
-    """A PostgreSQL server program: on PATH, else Debian's versioned folder (newest version first)."""
-    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
-    return shutil.which(name) or (str(found[-1]) if found else None)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
-    pytest.importorskip(
-        "psycopg", reason="the psycopg driver is not installed (pip install 'psycopg[binary]')"
-    )
-    # PostgreSQL refuses to run as root: run the server as the `postgres` user then.
-    run_as: list[str] = []
-    owner: pwd.struct_passwd | None = None
-    if os.geteuid() == 0:
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run the server as")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="s2c-pg-"))  # not under pytest's root-only tmp folders
-    if owner is not None:
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-    data, port = root / "data", free_port()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "check": True, "timeout": 60}
-    subprocess.run([*run_as, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"], **quiet)
-    options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
-    subprocess.run(
-        [*run_as, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"], **quiet
-    )
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], **quiet)
-        shutil.rmtree(root, ignore_errors=True)
+@pytest.fixture()
+def postgres_url(new_postgres_database: Callable[[], str]) -> str:
+    return new_postgres_database()
 
 
 @pytest.fixture()
 def engine(postgres_url: str) -> Iterator[Engine]:
     engine = make_engine(postgres_url)
     yield engine
-    with engine.begin() as conn:
-        for table in (feedback, inference_log):
-            conn.execute(table.delete())
     engine.dispose()
 
 
@@ -107,15 +61,23 @@ def test_keys_log_feedback_and_export_on_postgres(engine: Engine, postgres_url: 
 
     writer = InferenceLogWriter(engine, batch_size=7)
     writer.start()
-    for i in range(20):
-        writer.submit(pg_record(f"pg-{i}", key_id=key.id, image=b"PNG" if i == 0 else None))
+    records = [pg_record(f"pg-{i}", key_id=key.id, image=b"PNG" if i == 0 else None) for i in range(20)]
+    for record in records:
+        writer.submit(record)
     writer.submit(pg_record("pg-3", status=400, error_code="bad_request"))  # a client resent its request id
+    # The longest request id a batch item can have: a 128-character X-Request-ID, a dot, its position.
+    writer.submit(pg_record("r" * 128 + ".15"))
     writer.close(timeout_s=10)
-    assert writer.written == 20 and writer.dropped["db_error"] == 1
+    assert writer.written == 22 and writer.dropped["db_error"] == 0
     with engine.begin() as conn:
-        assert conn.execute(select(func.count()).select_from(inference_log)).scalar_one() == 20
-        row = conn.execute(select(inference_log).where(inference_log.c.request_id == "pg-0")).one()
-        assert row.outputs["caption"]["text"] == "caption pg-0" and bytes(row.image) == b"PNG"
-        conn.execute(feedback.insert().values(request_id="pg-1", created_at=datetime.now(UTC), rating=5))
+        assert conn.execute(select(func.count()).select_from(inference_log)).scalar_one() == 22
+        resent = conn.execute(select(inference_log.c.status).where(inference_log.c.request_id == "pg-3"))
+        assert sorted(resent.scalars()) == [200, 400]
+        row = conn.execute(select(inference_log).where(inference_log.c.id == records[0].id)).one()
+        assert row.request_id == "pg-0" and row.outputs["caption"]["text"] == "caption pg-0"
+        assert bytes(row.image) == b"PNG"
+        conn.execute(
+            feedback.insert().values(inference_id=records[1].id, created_at=datetime.now(UTC), rating=5)
+        )
     report = export_feedback(engine, tmp_path / "export")
     assert report.skipped == {"image_not_retained": 1}

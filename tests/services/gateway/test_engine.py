@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from services.gateway.engine import (
     NormalisedImage,
     _objects,
     normalise_image,
+    within_deadline,
 )
 from services.gateway.routes import parse_features, resolve_options
 from services.gateway.schemas import AnalyzeOptions as OptionsBody
@@ -33,6 +35,7 @@ from snap2caption.errors import (
     ImageTooLarge,
     Overloaded,
     PayloadTooLarge,
+    Timeout,
     UnsupportedFormat,
 )
 from snap2caption.imaging import DecodeLimits
@@ -115,10 +118,10 @@ def test_breaker_refuses_nonsense_parameters() -> None:
 Behaviour = Callable[[asyncio.StreamWriter], Any]
 
 
-def _response(status: int, body: dict[str, Any]) -> bytes:
+def _response(status: int, body: dict[str, Any], extra_headers: str = "") -> bytes:
     data = json.dumps(body).encode()
-    head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
-    return head.encode() + data
+    head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n"
+    return (head + extra_headers + "\r\n").encode() + data
 
 
 OK_BODY = {"model": {"name": "m", "version": 1, "alias": "production", "backend": "torch"}, "results": []}
@@ -129,7 +132,8 @@ async def loopback_server(behaviours: list[str]) -> AsyncIterator[tuple[str, lis
     """A real TCP server on loopback; connection ``i`` behaves as ``behaviours[i]`` (the last repeats):
 
     ``close`` reads the request and hangs up without answering; ``ok`` answers 200 JSON; ``hang`` never
-    answers; ``500`` / ``503`` answer an error envelope; ``415`` answers ``unsupported_format``.
+    answers; ``500`` answers ``internal_error``; ``503`` answers ``overloaded`` with Retry-After 3;
+    ``415`` answers ``unsupported_format``.
     Yields the base URL and the log of behaviours used, one per connection.
     """
     used: list[str] = []
@@ -151,8 +155,11 @@ async def loopback_server(behaviours: list[str]) -> AsyncIterator[tuple[str, lis
             writer.write(_response(200, OK_BODY))
         elif behaviour == "hang":
             await asyncio.sleep(30)
-        elif behaviour in ("500", "503"):
-            writer.write(_response(int(behaviour), {"error": {"code": "overloaded", "message": "busy"}}))
+        elif behaviour == "500":
+            writer.write(_response(500, {"error": {"code": "internal_error", "message": "broken"}}))
+        elif behaviour == "503":
+            busy = {"error": {"code": "overloaded", "message": "busy"}}
+            writer.write(_response(503, busy, "retry-after: 3\r\n"))
         elif behaviour == "415":
             writer.write(_response(415, {"error": {"code": "unsupported_format", "message": "not an image"}}))
         await writer.drain()
@@ -167,9 +174,11 @@ async def loopback_server(behaviours: list[str]) -> AsyncIterator[tuple[str, lis
 
 
 def _settings(**overrides: Any) -> Settings:
+    # Generous timeouts: a loopback answer can take a second when other processes load the cores, and
+    # only the tests of timeouts (against a server that never answers) should ever see one fire.
     values: dict[str, Any] = {
-        "backend_timeout_s": 0.5,
-        "connect_timeout_s": 0.5,
+        "backend_timeout_s": 10.0,
+        "connect_timeout_s": 10.0,
         "retry_jitter_s": 0.01,
         "breaker_failure_threshold": 2,
         "breaker_cooldown_s": 60,
@@ -190,7 +199,10 @@ def _call(
             outcomes: list[Any] = []
             for _ in range(calls):
                 try:
-                    outcomes.append(await client.post_image("/v1/x", b"img", "image/png", {}))
+                    deadline = time.monotonic() + 30  # far: the client's own timeout decides
+                    outcomes.append(
+                        await client.post_image("/v1/x", b"img", "image/png", {}, deadline=deadline)
+                    )
                 except Exception as exc:
                     outcomes.append(exc)
             await client.aclose()
@@ -219,18 +231,67 @@ def test_client_gives_up_after_one_retry() -> None:
 
 
 def test_client_never_retries_a_timeout_and_counts_it_against_the_breaker() -> None:
-    outcomes, used, breaker = _call(["hang"], "unit-timeout", calls=3)
+    outcomes, used, breaker = _call(["hang"], "unit-timeout", calls=3, backend_timeout_s=0.5)
     assert [o.code for o in outcomes] == ["timeout", "timeout", "circuit_open"]
     assert used == ["hang", "hang"]  # one connection per call, none for the refused third
     assert breaker.state is BreakerState.OPEN
 
 
 def test_client_5xx_fails_with_the_backends_code_and_opens_the_breaker() -> None:
-    outcomes, used, breaker = _call(["503"], "unit-503", calls=2)
-    assert [o.code for o in outcomes] == ["overloaded", "overloaded"]
-    assert "busy" in outcomes[0].message
-    assert used == ["503", "503"]
+    outcomes, used, breaker = _call(["500"], "unit-500", calls=3)
+    assert [o.code for o in outcomes] == ["internal_error", "internal_error", "circuit_open"]
+    assert "broken" in outcomes[0].message
+    assert used == ["500", "500"]
     assert breaker.state is BreakerState.OPEN
+
+
+def test_client_overloaded_is_backpressure_and_never_opens_the_breaker() -> None:
+    outcomes, used, breaker = _call(["503"], "unit-503", calls=6)  # three times the threshold
+    assert [o.code for o in outcomes] == ["overloaded"] * 6
+    assert all(o.retry_after == 3.0 and "busy" in o.message for o in outcomes)
+    assert len(used) == 6
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_within_deadline_stops_the_block_at_the_deadline_with_a_504() -> None:
+    async def run(block_s: float, inner: BaseException | None = None) -> None:
+        async with within_deadline(time.monotonic() + 0.2, "doing the thing"):
+            await asyncio.sleep(block_s)
+            if inner is not None:
+                raise inner
+
+    with pytest.raises(Timeout, match="ran out while doing the thing") as cut:
+        asyncio.run(run(30))
+    assert cut.value.status == 504
+    asyncio.run(run(0))  # in time: nothing happens
+    with pytest.raises(
+        TimeoutError, match="its own"
+    ):  # a TimeoutError of the block's own is not the deadline
+        asyncio.run(run(0, TimeoutError("its own")))
+
+
+def test_client_call_never_outlives_the_deadline_and_gives_no_verdict() -> None:
+    async def run() -> tuple[list[Any], float, Any]:
+        async with loopback_server(["hang"]) as (url, _):
+            client = BackendClient("unit-deadline", url, _settings(backend_timeout_s=30))
+            started = time.monotonic()
+            outcomes: list[Any] = []
+            for _ in range(3):  # past the threshold of 2
+                try:
+                    await client.post_image("/v1/x", b"img", "image/png", {}, deadline=time.monotonic() + 0.2)
+                except BackendFailed as exc:
+                    outcomes.append(exc)
+            try:  # a deadline already passed: no call at all
+                await client.post_image("/v1/x", b"img", "image/png", {}, deadline=time.monotonic())
+            except BackendFailed as exc:
+                outcomes.append(exc)
+            await client.aclose()
+            return outcomes, time.monotonic() - started, client.breaker
+
+    outcomes, elapsed, breaker = asyncio.run(run())
+    assert [(o.code, o.by_deadline) for o in outcomes] == [("timeout", True)] * 4
+    assert elapsed < 15  # three 0.2 s budgets, not three 30 s backend timeouts
+    assert breaker.state is BreakerState.CLOSED
 
 
 def test_client_passes_a_backends_image_refusal_on_and_keeps_the_breaker_closed() -> None:
@@ -243,7 +304,7 @@ def test_client_connection_refused_is_backend_unavailable() -> None:
     async def run() -> Any:
         client = BackendClient("unit-refused", "http://127.0.0.1:9", _settings())
         try:
-            return await client.post_image("/v1/x", b"img", "image/png", {})
+            return await client.post_image("/v1/x", b"img", "image/png", {}, deadline=time.monotonic() + 30)
         except BackendFailed as exc:
             return exc
         finally:
@@ -374,7 +435,8 @@ def test_unreadable_backend_answers_are_backend_failures_not_500s() -> None:
         async with loopback_server(["ok"]) as (url, _):
             gateway = Gateway(_settings(captioner_url=url, detector_url=url))
             try:
-                await gateway.analyze(image, EngineOptions(features=frozenset({"caption", "tags"})), 0.0)
+                options = EngineOptions(features=frozenset({"caption", "tags"}))
+                await gateway.analyze(image, options, 0.0, deadline=time.monotonic() + 30)
             except Exception as exc:
                 return exc
             finally:

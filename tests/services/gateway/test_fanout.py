@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -77,9 +79,8 @@ def test_fifty_concurrent_clients_get_no_5xx_and_no_mix_ups(stack: Stack) -> Non
 
 @pytest.mark.slow  # starts its own captioner (the one it kills): tens of seconds on 2 cores
 def test_backend_killed_mid_request_gives_partial_results_and_opens_the_breaker(stack: Stack) -> None:
-    # A captioner whose batches wait a full second to fill, so a request is surely inside it when killed,
-    # and whose pixel cap is far below the gateway's, so it refuses some images the gateway accepts.
-    victim = stack.start_captioner(max_wait_ms="1000", max_batch_size="16", max_image_pixels="1000")
+    # A captioner whose pixel cap is far below the gateway's, so it refuses some images the gateway accepts.
+    victim = stack.start_captioner(max_image_pixels="1000")
     gateway = stack.start_gateway(
         captioner_url=victim.url,
         breaker_failure_threshold="1",
@@ -92,14 +93,21 @@ def test_backend_killed_mid_request_gives_partial_results_and_opens_the_breaker(
     assert "pixels" in assert_envelope(refused, 413, "image_too_large")["message"]
     assert metric(gateway.url, "snap2caption_circuit_breaker_state", backend="captioner") == 0
 
+    # Stopped (SIGSTOP), the captioner still takes the call (the kernel accepts and buffers it) but never
+    # answers, so the caption is surely pending when it is killed, however long the steps below take.
+    os.kill(victim.pid, signal.SIGSTOP)
+    detector_calls = ("snap2caption_gateway_backend_requests_total", {"backend": "detector", "outcome": "ok"})
+    detector_before = metric(gateway.url, detector_calls[0], **detector_calls[1]) or 0
     outcome: dict[str, httpx.Response] = {}
     image = noise_png(30, 30, 7)  # 900 pixels: the captioner takes it
     request = threading.Thread(target=lambda: outcome.setdefault("r", post_analyze(gateway.url, image)))
     request.start()
+    # The gateway sends its three calls at once; once the detector has answered both of its own, the
+    # caption call went out long before.
     wait_for(
-        lambda: (metric(victim.url, "snap2caption_queue_depth", model="captioner") or 0) >= 1,
-        timeout_s=10,
-        what="the request to wait in the captioner's queue",
+        lambda: (metric(gateway.url, detector_calls[0], **detector_calls[1]) or 0) >= detector_before + 2,
+        timeout_s=30,
+        what="the detector's answers to the gateway",
     )
     victim.kill()  # SIGKILL while the caption is pending
     request.join(30)

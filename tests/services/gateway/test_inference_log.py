@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, select, text
 
 from services.gateway.db import inference_log, make_engine
-from services.gateway.inference_log import InferenceLogWriter, InferenceRecord
+from services.gateway.inference_log import InferenceLogWriter, InferenceRecord, new_inference_id
 from tests.helpers import wait_for
 
 
-def record(request_id: str, image: bytes | None = None) -> InferenceRecord:
+def record(request_id: str, image: bytes | None = None, **changes: Any) -> InferenceRecord:
     return InferenceRecord(
         request_id=request_id,
         created_at=datetime.now(UTC),
@@ -32,6 +35,7 @@ def record(request_id: str, image: bytes | None = None) -> InferenceRecord:
         status=200,
         error_code=None,
         image=image,
+        **changes,
     )
 
 
@@ -134,12 +138,37 @@ def test_a_broken_database_never_reaches_the_caller_and_the_writer_recovers(engi
     assert writer.written == 1 and rows(engine) == 1
 
 
-def test_a_repeated_request_id_loses_only_that_record(engine: Engine) -> None:
+def test_a_repeated_request_id_is_logged_twice_under_two_ids(engine: Engine) -> None:
     writer = InferenceLogWriter(engine, batch_size=100)
     for i in range(5):
         writer.submit(record(f"r{i}"))
     writer.submit(record("r2"))  # a client re-sent its own X-Request-ID
     writer.start()
     writer.close(timeout_s=5)
+    assert rows(engine) == 6 and writer.dropped["db_error"] == 0
+    with engine.connect() as conn:
+        ids = (
+            conn.execute(select(inference_log.c.id).where(inference_log.c.request_id == "r2")).scalars().all()
+        )
+    assert len(set(ids)) == 2
+
+
+def test_a_record_the_database_refuses_loses_only_itself(engine: Engine) -> None:
+    writer = InferenceLogWriter(engine, batch_size=100)
+    taken = new_inference_id()
+    for i in range(5):
+        writer.submit(record(f"r{i}", id=taken if i == 0 else new_inference_id()))
+    writer.submit(record("r5", id=taken))  # refused (the key exists): the batch is retried one by one
+    writer.start()
+    writer.close(timeout_s=5)
     assert rows(engine) == 5
-    assert writer.dropped["db_error"] == 1
+    assert writer.written == 5 and writer.dropped["db_error"] == 1
+
+
+def test_inference_ids_are_unique_uuid7_that_start_with_the_time() -> None:
+    ids = [new_inference_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    # The first 48 bits are the Unix time in milliseconds (so keys sort by time and index well).
+    millis = int(ids[0].replace("-", "")[:12], 16)
+    assert abs(millis / 1000 - time.time()) < 60

@@ -261,13 +261,14 @@ def test_upload_shows_boxes_caption_alt_text_tags_and_takes_feedback(stack: Stac
         page.keyboard.press("Enter")
     response = answer.value
     assert response.status == 201
+    receipt = response.json()
     assert json.loads(response.request.post_data) == {
-        "request_id": shown["requestId"],
+        "inference_id": receipt["inference_id"],
         "caption": "a red bicycle leaning on a wall",
         "rating": 4,
         "reason": "wrong object",
     }
-    assert response.json()["request_id"] == shown["requestId"]
+    assert receipt["request_id"] == shown["requestId"]  # the inference id named the analysis shown
     page.wait_for_selector("#feedback-status.ok")
     assert page.text_content("#feedback-status") == "Thank you, your feedback was recorded."
 

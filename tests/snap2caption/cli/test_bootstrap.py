@@ -1,4 +1,4 @@
-"""`snap2caption bootstrap`: the commands it runs are valid, and it builds only what the registry lacks."""
+"""`snap2caption bootstrap`: valid commands, only what the registry lacks, starter floors, one-line errors."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from snap2caption.cli.bootstrap import bootstrap, missing_models, starter_models
+from snap2caption.cli.bootstrap import (
+    BootstrapSettings,
+    _check_floor,
+    bootstrap,
+    build_starter_models,
+    missing_models,
+    starter_steps,
+)
 from snap2caption.cli.train import _caption_config
+from snap2caption.launcher import LaunchError
 from snap2caption.models.artifact import write_manifest
-from snap2caption.registry import Registry
+from snap2caption.registry import GATES, Registry
 from training.detection.config import load_config
 
 
@@ -19,16 +27,40 @@ def _overrides(command: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(arg for arg in command if "=" in arg and not arg.startswith("-"))
 
 
+def _option(command: tuple[str, ...], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
 def test_every_starter_command_is_a_valid_config(tmp_path: Path) -> None:
-    models = {m.name: m for m in starter_models(tmp_path / "out", tmp_path / "data", minutes=8.5)}
-    assert set(models) == {"tagger", "captioner", "detector"}
-    assert models["tagger"].stage < models["captioner"].stage == models["detector"].stage  # side by side
-    caption = _caption_config("starter", _overrides(models["captioner"].command))
-    detector = load_config("starter", _overrides(models["detector"].command))
-    # The budget goes to the two trainings, one thread each, on top of the tagger's share.
+    steps = {s.name: s for s in starter_steps(tmp_path / "out", tmp_path / "data", BootstrapSettings())}
+    assert {s.model for s in steps.values() if s.registers} == {"tagger", "captioner", "detector"}
+    # Stage 0: the tagger and the caption features side by side; stage 1: the two trainings side by side.
+    assert steps["tagger"].stage == steps["captioner-features"].stage < steps["captioner"].stage
+    assert steps["captioner"].stage == steps["detector"].stage and not steps["captioner-features"].registers
+    features, caption_cmd = steps["captioner-features"].command, steps["captioner"].command
+    assert _option(features, "--out") == _option(caption_cmd, "--features")  # training reads that cache
+    for_features = _caption_config("starter", _overrides(features))
+    caption = _caption_config("starter", _overrides(caption_cmd))
+    # The cache is keyed by the encoder and how features are made: both commands must agree on them.
+    assert for_features.model.encoder == caption.model.encoder
+    assert (for_features.train.feature_dtype, for_features.train.feature_runtime) == (
+        caption.train.feature_dtype,
+        caption.train.feature_runtime,
+    )
+    detector = load_config("starter", _overrides(steps["detector"].command))
+    # The budget goes to the two trainings, one thread each, on top of the first stage's share.
     assert caption.train.time_budget_min == detector.time_budget_min == pytest.approx(7.0)
-    assert caption.train.threads == detector.threads == 1
+    assert for_features.train.threads == caption.train.threads == detector.threads == 1
     assert detector.data == str(tmp_path / "data")
+
+
+def test_a_fixed_number_of_caption_steps_replaces_its_time_budget(tmp_path: Path) -> None:
+    settings = BootstrapSettings(minutes=2.5, captioner_steps=30)
+    steps = {s.name: s for s in starter_steps(tmp_path / "out", tmp_path / "data", settings)}
+    caption = _caption_config("starter", _overrides(steps["captioner"].command))
+    assert (caption.train.max_steps, caption.train.time_budget_min) == (30, 0)
+    detector = load_config("starter", _overrides(steps["detector"].command))
+    assert detector.time_budget_min == 1.0  # the detector keeps the budget (at least one epoch)
 
 
 def test_missing_models_reads_the_registry(tmp_path: Path, mlflow_template_db: Path) -> None:
@@ -50,3 +82,66 @@ def test_missing_models_reads_the_registry(tmp_path: Path, mlflow_template_db: P
 def test_bootstrap_refuses_a_folder_that_is_not_an_etl_output(tmp_path: Path) -> None:
     result = CliRunner().invoke(bootstrap, ["--data", str(tmp_path)])
     assert result.exit_code != 0 and "is not an ETL output" in result.output
+
+
+def test_every_gated_model_has_a_starter_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAP2CAPTION_BOOTSTRAP_MIN_CAPTIONER_CIDER_D", "0.1")
+    settings = BootstrapSettings()
+    assert settings.floor("captioner", GATES["captioner"].metric) == (
+        0.1,
+        "SNAP2CAPTION_BOOTSTRAP_MIN_CAPTIONER_CIDER_D",
+    )
+    for step in starter_steps(Path("out"), Path("data"), settings):
+        floor, variable = settings.floor(step.model, GATES[step.model].metric)
+        assert floor > 0 and variable.startswith("SNAP2CAPTION_BOOTSTRAP_MIN_")
+
+
+def test_a_starter_below_its_floor_is_not_promoted(tmp_path: Path, mlflow_template_db: Path) -> None:
+    """On an empty registry the gate passes anything: the floor is what keeps an untrained model out."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template_db, db)
+    registry = Registry(f"sqlite:///{db}")
+    folder = tmp_path / "captioner"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    write_manifest(folder)
+    registry.register("captioner", folder, metrics={"test_cider_d": 0.0003})  # what 0 training steps score
+    settings = BootstrapSettings(minutes=1.0)
+    log = tmp_path / "bootstrap-captioner.log"
+    with pytest.raises(LaunchError) as info:
+        _check_floor(registry, "captioner", settings, log)
+    assert info.value.format_message() == (
+        "models: captioner v1: test_cider_d 0.0003 is below the starter floor 0.5 "
+        "(SNAP2CAPTION_BOOTSTRAP_MIN_CAPTIONER_CIDER_D); raise SNAP2CAPTION_BOOTSTRAP_MINUTES (now 1.0) "
+        f"to train a better one; log: {log}"
+    )
+    registry.register("captioner", folder, metrics={"test_cider_d": 0.6})
+    _check_floor(registry, "captioner", settings, log)  # v2 clears it
+
+
+def test_a_build_that_fails_is_one_line_naming_its_log(tmp_path: Path, mlflow_template_db: Path) -> None:
+    data = tmp_path / "data"
+    (data / "manifests").mkdir(parents=True)  # an ETL output with no split in it
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template_db, db)
+    with pytest.raises(LaunchError) as info:
+        build_starter_models(
+            data, tmp_path / "out", tmp_path / "log", BootstrapSettings(), tracking_uri=f"sqlite:///{db}",
+            only=["captioner"],
+        )  # fmt: skip
+    message = info.value.format_message()
+    log = tmp_path / "log" / "bootstrap-captioner-features.log"  # its first step, beside the tagger's
+    assert message.startswith("models: captioner-features failed (exit 1): FileNotFoundError: no manifest ")
+    assert "\n" not in message
+    assert message.endswith(f"; log: {log}")
+    assert "Traceback" in log.read_text()  # the whole story is in the log
+
+
+def test_a_bad_budget_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAP2CAPTION_BOOTSTRAP_MINUTES", "0.5")
+    (tmp_path / "manifests").mkdir()
+    result = CliRunner().invoke(bootstrap, ["--data", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: settings: SNAP2CAPTION_BOOTSTRAP_MINUTES: Input should be greater than or equal to 1\n"
+    )

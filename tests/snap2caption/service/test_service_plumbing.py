@@ -309,13 +309,18 @@ def test_metrics_add_up_across_uvicorn_workers(tmp_path: Path) -> None:
             except httpx.TransportError:
                 return False
 
-        wait_for(up, 60, "two workers to serve")
+        wait_for(up, 60, "a worker to serve")
         pids: set[int] = set()
         sent = 0
-        while len(pids) < 2 and sent < 400:  # new connections spread over the workers
+
+        def both_answered() -> bool:  # new connections spread over the workers once both are up
+            nonlocal sent
             pids.add(httpx.get(f"{url}/v1/pid").json()["pid"])
             sent += 1
-        assert len(pids) == 2, "one worker took every connection"
+            return len(pids) == 2
+
+        # Bounded by time, not by a count: the second worker may still be importing on busy cores.
+        wait_for(both_answered, 60, "both workers to answer", interval_s=0)
         for _ in range(2):  # whichever worker answers the scrape reports both workers' requests
             text = httpx.get(f"{url}/metrics").text
             assert _sample(text, "snap2caption_http_requests_total", route="/v1/pid", status="200") == sent

@@ -185,7 +185,8 @@ def test_not_ready_until_the_alias_exists_then_loads_by_itself(tmp_path: Path) -
 
     async def scenario() -> None:
         store.start()
-        await asyncio.sleep(0.05)
+        while store.status()["last_poll_error"] is None:  # the first poll resolves on a worker thread
+            await asyncio.sleep(0.01)
         with pytest.raises(NotReady, match="not loaded"):
             store.get()
         assert "no alias" in store.status()["last_poll_error"]

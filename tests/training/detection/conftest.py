@@ -26,6 +26,8 @@ from snap2caption.data.etl import EtlConfig, run_etl
 from snap2caption.data.synth import SynthConfig, write_synth
 from snap2caption.registry import Registry
 
+REPO = Path(__file__).resolve().parents[3]  # on the child's path whatever the working directory
+
 # Loaded by the child interpreter before anything else (sitecustomize on PYTHONPATH).
 SITECUSTOMIZE = textwrap.dedent(
     """
@@ -155,7 +157,7 @@ def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_t
         if not key.startswith(("YOLO_", "MLFLOW_", "HF_", "TRANSFORMERS_"))  # nothing pre-set offline for it
     }
     env |= {
-        "PYTHONPATH": os.pathsep.join([str(hook_dir), str(Path.cwd())]),
+        "PYTHONPATH": os.pathsep.join([str(hook_dir), str(REPO)]),
         "NET_AUDIT_LOG": str(log),
         "SNAP2CAPTION_HOME": str(tmp / "home"),  # Ultralytics settings and fonts go under it, not ~/.config
     }
