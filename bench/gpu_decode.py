@@ -5,7 +5,7 @@ tokens exactly (``min_new_tokens = max_new_tokens = 20``, so no row stops early)
 after warm-up, CUDA synchronised around each call. Rows:
 
 - latency, batch 1: Hugging Face ``GPT2LMHeadModel.generate`` on the prefix embeddings, eager float32
-  (the baseline a user would otherwise run) vs :class:`~snap2caption.models.caption_static.StaticDecoder`
+  (the baseline a user would otherwise run) vs :class:`~snap2caption.models.caption.static.StaticDecoder`
   attached to the same model (bf16, CUDA graphs on CUDA);
 - throughput, batches 64..512: Hugging Face ``generate`` eager on a bfloat16 copy of the model (the
   strongest eager baseline) vs the static decoder, in images/s;
@@ -19,7 +19,7 @@ GPT-2 small's sizes) or ``smoke`` (a tiny model: what CPU runs use so that the s
 Nothing is downloaded: weights are random and the tokenizer is a BPE trained on a few captions.
 
 GPU numbers are unmeasured here: no GPU was available in the session that wrote this script, and only the
-CPU smoke run has been executed (tests/snap2caption/models/test_caption_static.py). Targets (DESIGN.md,
+CPU smoke run has been executed (tests/snap2caption/models/caption/test_static.py). Targets (DESIGN.md,
 one H100, paper shapes): batch-1 latency <= 15 ms (HF eager fp32: 294 ms), >= 4,000 images/s saturated
 (HF eager bf16 at batch 512: 1,136/s).
 
@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from snap2caption.models.caption import CaptionConfig, CaptionModel, build_caption_model
-from snap2caption.models.caption_static import StaticDecoder
+from snap2caption.models.caption.config import CaptionConfig
+from snap2caption.models.caption.model import CaptionModel, build_caption_model
+from snap2caption.models.caption.static import StaticDecoder
 
 PAPER = Path(__file__).resolve().parents[1] / "training" / "configs" / "caption" / "paper.yaml"
 RANDOM_INIT = ["encoder.pretrained=false", "decoder.pretrained=null", "lora.enabled=false"]

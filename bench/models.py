@@ -83,15 +83,16 @@ def main() -> None:
           f"median; per image, preprocessing + network + post-processing")  # fmt: skip
 
     if args.detector:
-        from snap2caption.models.detector import INT8_ONNX_FILE, Detector
+        from snap2caption.models import detector
+        from snap2caption.models.detector.config import INT8_ONNX_FILE
 
         images = _images_from(args.data, max(batches))
         runtimes = {
-            "pytorch": Detector.load(args.detector, "torch"),
-            "ort-fp32": Detector.load(args.detector, "onnx", threads=args.threads),
+            "pytorch": detector.load(args.detector, "torch"),
+            "ort-fp32": detector.load(args.detector, "onnx", threads=args.threads),
         }
         if (args.detector / INT8_ONNX_FILE).is_file():
-            runtimes["ort-int8"] = Detector.load(args.detector, "onnx", int8=True, threads=args.threads)
+            runtimes["ort-int8"] = detector.load(args.detector, "onnx", int8=True, threads=args.threads)
         rows = {
             name: {b: _ms_per_image(lambda x, d=det: d.detect(x), images, b, args.repeats) for b in batches}
             for name, det in runtimes.items()
@@ -101,17 +102,16 @@ def main() -> None:
         )
 
     if args.tagger:
-        from snap2caption.models.tagger import Tagger
-        from snap2caption.models.tagger_onnx import INT8_ONNX_FILE as TAGGER_INT8
-        from snap2caption.models.tagger_onnx import TaggerOnnx
+        from snap2caption.models import tagger
+        from snap2caption.models.tagger.config import INT8_ONNX_FILE as TAGGER_INT8
 
         photos = _photos(max(batches))
         taggers: dict[str, Callable[[Sequence[Image.Image]], object]] = {
-            "pytorch": Tagger.load(args.tagger).tag,
-            "ort-fp32": TaggerOnnx.load(args.tagger, threads=args.threads).tag,
+            "pytorch": tagger.load(args.tagger, "torch").tag,
+            "ort-fp32": tagger.load(args.tagger, "onnx", threads=args.threads).tag,
         }
         if (args.tagger / TAGGER_INT8).is_file():
-            taggers["ort-int8"] = TaggerOnnx.load(args.tagger, int8=True, threads=args.threads).tag
+            taggers["ort-int8"] = tagger.load(args.tagger, "onnx", int8=True, threads=args.threads).tag
         rows = {
             name: {b: _ms_per_image(fn, photos, b, args.repeats) for b in batches}
             for name, fn in taggers.items()

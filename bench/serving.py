@@ -77,8 +77,9 @@ def synth_images(folder: Path, count: int) -> tuple[list[bytes], list[str]]:
 
 
 def build_artifact(config_path: Path, captions: list[str], tokens: int, out: Path) -> Path:
-    from snap2caption.models.artifact import save_caption_model
-    from snap2caption.models.caption import CaptionConfig, build_caption_model
+    from snap2caption.models.caption.artifact import save_caption_model
+    from snap2caption.models.caption.config import CaptionConfig
+    from snap2caption.models.caption.model import build_caption_model
 
     overrides = [f"decoding.max_new_tokens={tokens}", f"decoding.min_new_tokens={tokens}"]
     config = CaptionConfig.from_yaml(config_path, overrides)
@@ -94,7 +95,7 @@ def baseline(artifact: Path, images: list[bytes], n: int, tokens: int, exact: bo
     import torch
 
     from snap2caption.imaging import decode_image
-    from snap2caption.models.artifact import load_caption_model
+    from snap2caption.models.caption.artifact import load_caption_model
 
     model, tokenizer = load_caption_model(artifact)
     decoder = model.base_decoder
@@ -254,7 +255,7 @@ def main() -> None:
     parser.add_argument("--baseline-images", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="Intra-op threads, service and baseline.")
     parser.add_argument(
-        "--backend", choices=("torch", "onnx", "onnx-int8"), default="onnx", help="The service's runtime."
+        "--runtime", choices=("torch", "onnx", "onnx-int8"), default="onnx", help="The service's runtime."
     )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -271,15 +272,15 @@ def main() -> None:
             artifact = Path(shutil.copytree(args.model_dir, workdir / "artifact"))
         else:
             artifact = build_artifact(args.config, captions, args.tokens, workdir / "artifact")
-        if args.backend != "torch" and not (artifact / "onnx" / "decoder.int8.onnx").is_file():
-            from training.caption.export import export_for_serving
+        if args.runtime != "torch" and not (artifact / "onnx" / "decoder.int8.onnx").is_file():
+            from snap2caption.models.caption.export import export_for_serving
 
             export_for_serving(artifact)
         base = baseline(artifact, images, args.baseline_images, args.tokens)
         print(f"baseline: p50 {base.p50_ms:.1f} ms, {base.images_per_s:.2f} images/s", flush=True)
         settings = {
             "SNAP2CAPTION_CAPTIONER_THREADS": str(args.threads),
-            "SNAP2CAPTION_CAPTIONER_BACKEND": args.backend,
+            "SNAP2CAPTION_CAPTIONER_RUNTIME": args.runtime,
             "SNAP2CAPTION_CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size),
             "SNAP2CAPTION_CAPTIONER_MAX_IMAGES_PER_REQUEST": str(min(16, args.max_batch_size)),
             "SNAP2CAPTION_CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -309,7 +310,7 @@ def main() -> None:
 
 def report(base: Level, levels: list[Level], rss_mb: float, args: argparse.Namespace) -> None:
     print()
-    print(f"model: {args.model_dir or args.config}, {args.tokens} greedy tokens, {args.backend} backend, "
+    print(f"model: {args.model_dir or args.config}, {args.tokens} greedy tokens, {args.runtime} runtime, "
           f"{args.threads} thread(s), cpu count {os.cpu_count()}")  # fmt: skip
     columns = ("reqs", "err", "p50 ms", "p95 ms", "p99 ms", "img/s", "batch")
     header = f"{'run':<38} " + " ".join(f"{c:>8}" for c in columns)

@@ -87,7 +87,10 @@ class ModelInfo(WireModel):
     name: str
     version: int
     alias: str
-    backend: str
+    backend: str = Field(
+        description="The runtime that ran the model (`onnx`, `torch`); the field keeps its first name for "
+        "clients that read it."
+    )
 
 
 class FeatureError(WireModel):
@@ -107,8 +110,14 @@ class AnalyzeTimings(WireModel):
     decode_ms: float = Field(description="Reading, checking, decoding and normalising the image.")
     fetch_ms: float | None = Field(default=None, description="Fetching the URL, for URL requests.")
     captioner_ms: float | None = None
-    detector_tags_ms: float | None = None
-    detector_objects_ms: float | None = None
+    detector_tags_ms: float | None = Field(
+        default=None,
+        description="The detector call that computed the tags. One call computes tags and objects, so this "
+        "and `detector_objects_ms` are the same call's time when both were computed.",
+    )
+    detector_objects_ms: float | None = Field(
+        default=None, description="The detector call that located objects."
+    )
     total_ms: float
 
 
@@ -128,7 +137,7 @@ _EXAMPLE: dict[str, Any] = {
     "timings": {
         "decode_ms": 4.1,
         "captioner_ms": 38.0,
-        "detector_tags_ms": 21.5,
+        "detector_tags_ms": 30.2,
         "detector_objects_ms": 30.2,
         "total_ms": 45.3,
     },

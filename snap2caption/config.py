@@ -1,18 +1,32 @@
-"""Typed configs shared by every job: dataclass <-> dict, YAML sections and ``key=value`` overrides.
+"""Typed configs and the one loader they all go through: preset or file -> YAML -> overrides -> dataclass.
 
-A config is a (nested) dataclass whose fields document themselves (CONVENTIONS.md, 3). This module turns
-parsed YAML into such a dataclass and back, checking every key and value on the way in:
+A config is a (nested) dataclass whose fields document themselves (CONVENTIONS.md, 3). :func:`load_config`
+reads a preset name (``training/configs/caption/tiny.yaml`` is the preset ``tiny`` of its folder) or a YAML
+path, applies ``key=value`` overrides and builds the dataclass, checking every key and value on the way in:
 
 - unknown keys are refused, with the nearest valid key suggested (``lora.rank``: did you mean ``lora.r``?);
 - values are checked against the field's type (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``,
   ``X | None``, ``list[X]``, nested dataclasses) and converted only where lossless;
-- ``key=value`` overrides use dotted keys (``decoder.n_layer=2``) and YAML scalar/list syntax for values.
+- ``key=value`` overrides use dotted keys (``decoder.n_layer=2``) and YAML scalar/list syntax for values;
+- every problem is reported at once, in one :class:`ConfigError`: unknown keys, values of the wrong type, and
+  what each dataclass's own validation (``__post_init__``) refuses.
+
+Two shapes of config file:
+
+- **sectioned** (a training run): every field of the dataclass is a section, read from the top-level YAML key
+  of its name (``run:``, ``model:``, ``train:``; a missing or empty one takes its defaults). An override
+  names its section (``train.lr=1e-3``) or not (``lr=1e-3``): a bare key belongs to the one section that
+  has it.
+- **one section** of a file (``section="model"``): the dataclass is read from that top-level key, the others
+  being left to their own configs; override keys are relative to it (``lora.r=8``, or ``model.lora.r=8``).
 
 Usage::
 
-    data = load_yaml_section("training/configs/caption/tiny.yaml", "train")
-    cfg = from_dict(TrainConfig, apply_overrides(data, ["lr=1e-3"], dotted_keys(TrainConfig)))
-    to_dict(cfg)  # plain nested dict, JSON/YAML-safe
+    run = load_config(RunSections, "tiny", ["lr=1e-3", "run.out=/tmp/x"], presets="training/configs/caption")
+    model = load_config(CaptionConfig, "training/configs/caption/tiny.yaml", section="model")
+    to_dict(run)  # plain nested dict, JSON/YAML-safe
+
+(``RunSections`` standing for a dataclass whose fields are the ``run``, ``model`` and ``train`` sections.)
 """
 
 from __future__ import annotations
@@ -30,15 +44,33 @@ import yaml
 
 T = TypeVar("T")
 
+# A "key=value" string (the value parsed as YAML), or a (key, value) pair whose value is taken as it is
+# (a CLI option's value, already a string or a flag).
+Override = str | tuple[str, Any]
+
 
 class ConfigError(ValueError):
-    """A config key is unknown, a value has the wrong type, or the values contradict each other."""
+    """Config keys are unknown, values have the wrong type, or the values contradict each other.
+
+    Attributes:
+        problems: Every problem found, in order; the message joins them with ``"; "``.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of config dataclass ``cls``, in declaration order."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     """Every settable key of a (nested) config dataclass, dotted: ``["prefix_len", "encoder.name", ...]``."""
     keys = []
-    for name, tp in get_type_hints(cls).items():
+    for name, tp in field_types(cls).items():
         if dataclasses.is_dataclass(tp):
             keys += dotted_keys(cast(type, tp), f"{prefix}{name}.")
         else:
@@ -53,12 +85,15 @@ def unknown_key_message(key: str, valid: Sequence[str]) -> str:
     return f"unknown config key {key!r} ({hint})"
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``"a.b=value"`` into the key and the value parsed as YAML (``""`` for an empty value).
+def parse_override(item: Override) -> tuple[str, Any]:
+    """Split ``"a.b=value"`` into the key and the value parsed as YAML (``""`` for an empty value); a
+    ``(key, value)`` pair is returned as it is.
 
     Raises:
         ConfigError: Not ``key=value``, or a value that is not valid YAML.
     """
+    if isinstance(item, tuple):
+        return item
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -82,44 +117,168 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def apply_overrides(
-    data: dict[str, Any], overrides: Sequence[str], valid: Sequence[str], *, strip_prefix: str = ""
+    data: dict[str, Any], overrides: Sequence[Override], valid: Sequence[str], *, sections: Sequence[str] = ()
 ) -> dict[str, Any]:
     """A deep copy of nested ``data`` with each ``"a.b=value"`` override set.
 
     Args:
         data: Parsed config (nested dicts).
-        overrides: ``key=value`` strings; values are parsed as YAML scalars or lists.
+        overrides: ``key=value`` strings (values parsed as YAML scalars or lists) or ``(key, value)`` pairs.
         valid: The settable dotted keys (see :func:`dotted_keys`).
-        strip_prefix: A prefix callers may write before the key (``"model."``), removed first.
+        sections: Top-level sections a key may leave out: ``lr`` stands for ``train.lr`` when ``train`` is
+            the only one of them with that key.
 
     Raises:
-        ConfigError: An override that is not ``key=value``, or an unknown key (nearest one suggested).
+        ConfigError: Every override that is not ``key=value``, names an unknown key (nearest one suggested)
+            or, without its section, fits several sections.
     """
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, value = parse_override(item)
-        key = key.removeprefix(strip_prefix) if strip_prefix else key
-        if key not in valid:
-            raise ConfigError(unknown_key_message(key, valid))
-        set_dotted(data, key, value)
+    problems: list[str] = []
+    data = _apply(data, overrides, valid, sections, problems)
+    if problems:
+        raise ConfigError(*problems)
     return data
 
 
-def load_yaml_section(path: str | os.PathLike[str], section: str, *, required: bool = True) -> dict[str, Any]:
-    """The mapping under top-level key ``section`` of a YAML file.
+def _apply(
+    data: dict[str, Any],
+    overrides: Sequence[Override],
+    valid: Sequence[str],
+    sections: Sequence[str],
+    problems: list[str],
+) -> dict[str, Any]:
+    """:func:`apply_overrides`, appending what is wrong to ``problems`` and going on."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        try:
+            key, value = parse_override(item)
+            set_dotted(data, _resolve_key(key, valid, sections), value)
+        except ConfigError as exc:
+            problems += exc.problems
+    return data
+
+
+def _resolve_key(key: str, valid: Sequence[str], sections: Sequence[str]) -> str:
+    """``key`` itself when valid, else the one ``<section>.<key>`` that is.
 
     Raises:
-        ConfigError: The file is not a mapping; the section is missing (when ``required``) or not a mapping.
+        ConfigError: No such key (the nearest is suggested: relative to the section when there is one), or
+            a key without its section that fits several.
+    """
+    if key in valid:
+        return key
+    matches = [f"{section}.{key}" for section in sections if f"{section}.{key}" in valid]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"config key {key!r} is ambiguous: say {' or '.join(map(repr, matches))}")
+    bare = [k.partition(".")[2] for k in valid if k.partition(".")[0] in sections]
+    raise ConfigError(unknown_key_message(key, bare if len(sections) == 1 else [*valid, *bare]))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file's top-level mapping (``{}`` for an empty file).
+
+    Raises:
+        ConfigError: The file is not a mapping.
     """
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    value = raw.get(section)
-    if value is None and not required:
-        return {}
+    return raw
+
+
+def load_yaml_section(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
+    """The mapping under top-level key ``section`` of a YAML file.
+
+    Raises:
+        ConfigError: The file is not a mapping; the section is missing or not a mapping.
+    """
+    value = read_yaml(path).get(section)
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a top-level '{section}:' mapping")
     return value
+
+
+def config_file(source: str | os.PathLike[str], presets: str | os.PathLike[str] | None = None) -> Path:
+    """``<presets>/<name>.yaml`` for a preset name, else the YAML file ``source`` itself.
+
+    A preset name has no path separator and no ``.yaml``/``.yml`` suffix.
+
+    Raises:
+        ConfigError: Neither a preset nor an existing file (the presets are listed, the nearest suggested).
+    """
+    text = str(source)
+    if presets is not None and os.sep not in text and not text.endswith((".yaml", ".yml")):
+        preset = Path(presets) / f"{text}.yaml"
+        if preset.is_file():
+            return preset
+    path = Path(text)
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in Path(presets).glob("*.yaml")) if presets is not None else []
+    near = difflib.get_close_matches(text, names, n=1, cutoff=0.5)
+    hint = (f"did you mean {near[0]!r}? " if near else "") + f"presets: {', '.join(names) or 'none'}"
+    raise ConfigError(f"no config preset or file {text!r} ({hint})")
+
+
+def load_config(
+    cls: type[T],
+    source: str | os.PathLike[str],
+    overrides: Sequence[Override] = (),
+    *,
+    presets: str | os.PathLike[str] | None = None,
+    section: str | None = None,
+) -> T:
+    """Load config dataclass ``cls`` from a preset or YAML file, with ``key=value`` overrides.
+
+    Args:
+        cls: The config dataclass: sectioned (every field a dataclass) unless ``section`` is given.
+        source: A preset name (``<presets>/<name>.yaml``) or a YAML path.
+        overrides: ``key=value`` strings or ``(key, value)`` pairs, applied in order (see the module
+            docstring for how keys are written).
+        presets: The folder of named presets (None: ``source`` must be a path).
+        section: Read ``cls`` from this one top-level key, which must be there.
+
+    Raises:
+        ConfigError: Every problem found: no such preset or file, unknown keys (nearest suggested), values
+            of the wrong type, and what the dataclasses' validation refuses.
+    """
+    path = config_file(source, presets)
+    if section is not None:
+        return build_config(cls, load_yaml_section(path, section), overrides, section=section)
+    data = {key: {} if value is None else value for key, value in read_yaml(path).items()}  # empty: defaults
+    return build_config(cls, data, overrides)
+
+
+def build_config(
+    cls: type[T], data: dict[str, Any], overrides: Sequence[Override] = (), *, section: str | None = None
+) -> T:
+    """Config dataclass ``cls`` from parsed ``data`` plus overrides, keys as in :func:`load_config`.
+
+    Raises:
+        ConfigError: Every problem found (see :func:`load_config`).
+    """
+    if section is None:
+        sections = list(field_types(cls))
+        valid = dotted_keys(cls)
+    else:  # keys relative to the section; "<section>." in front is accepted
+        sections, valid = [section], dotted_keys(cls, f"{section}.")
+        data = {section: data}
+    problems: list[str] = []
+    data = _apply(data, overrides, valid, sections, problems)
+    config = _build(cls, data[section] if section else data, "", problems)
+    if problems:
+        raise ConfigError(*problems)
+    return cast(T, config)
+
+
+def with_overrides(config: T, overrides: Sequence[Override], *, section: str | None = None) -> T:
+    """A copy of config dataclass ``config`` with overrides applied, keys as in :func:`load_config`.
+
+    Raises:
+        ConfigError: Every problem found.
+    """
+    return build_config(type(config), to_dict(config), overrides, section=section)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -136,28 +295,49 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         prefix: Dotted path of ``data`` inside a larger config, for error messages.
 
     Raises:
-        ConfigError: An unknown key (nearest valid key suggested), a value of the wrong type, or whatever
-            the dataclass's own validation (``__post_init__``) refuses.
+        ConfigError: Every unknown key (nearest valid key suggested), value of the wrong type, and whatever
+            the dataclasses' own validation (``__post_init__``) refuses.
+    """
+    problems: list[str] = []
+    config = _build(cls, data, prefix, problems)
+    if problems:
+        raise ConfigError(*problems)
+    return cast(T, config)
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """``cls`` from ``data``, or None with what is wrong appended to ``problems``.
+
+    Every key and value is checked, so that one pass finds every problem; a dataclass's own validation
+    runs once its fields are well-typed.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
-    unknown = [k for k in data if k not in hints]
-    if unknown:
-        raise ConfigError(unknown_key_message(prefix + str(unknown[0]), dotted_keys(cls, prefix)))
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        return None
+    types_ = field_types(cls)
     kwargs: dict[str, Any] = {}
+    found = len(problems)
     for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(cast(type, tp), value, f"{prefix}{name}.")
+        tp = types_.get(name)
+        if tp is None:
+            sections = [prefix + n for n, t in types_.items() if dataclasses.is_dataclass(t)]
+            problems.append(unknown_key_message(prefix + str(name), [*sections, *dotted_keys(cls, prefix)]))
+        elif dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(cast(type, tp), value, f"{prefix}{name}.", problems)
         else:
-            kwargs[name] = coerce(value, tp, prefix + name)
+            try:
+                kwargs[name] = coerce(value, tp, prefix + name)
+            except ConfigError as exc:
+                problems += exc.problems
+    if len(problems) > found:
+        return None
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        problems += exc.problems
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+        problems.append(f"{prefix.rstrip('.') or 'config'}: {exc}")
+    return None
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:

@@ -68,6 +68,20 @@ class ImageTooLarge(ImageError):
     status = 413
 
 
+class ArtifactError(Snap2CaptionError):
+    """A model folder that cannot be used: incomplete, tampered with, or not of a known format."""
+
+    code = "invalid_artifact"
+    status = 500
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A model folder does not match its ``MANIFEST.json`` (tampered, truncated, extra or pickled files)."""
+
+    code = "artifact_integrity"
+    status = 500
+
+
 class RetryLater(Snap2CaptionError):
     """Base class: an error the client should retry after ``retry_after`` seconds (the ``Retry-After``
     header the error handler sends)."""

@@ -188,7 +188,7 @@ def _captioner_env(
 def _register_models(workdir: Path, template_db: Path) -> str:
     """Train/build the three tiny models, register and promote them; return the registry URI."""
     from snap2caption.imaging import decode_image
-    from snap2caption.models.artifact import save_caption_model
+    from snap2caption.models.caption.artifact import save_caption_model
     from snap2caption.registry import Registry
     from tests.services.captioner.conftest import IMAGE_MAX_SIDE, train_tiny
     from tests.services.detector.conftest import random_detector, tiny_tagger

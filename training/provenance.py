@@ -6,13 +6,14 @@ to the exact code and data that made it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
 from pathlib import Path
 
 import yaml
+
+from snap2caption.data.etl import manifests_version
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,10 @@ def dataset_version(data_dir: str | os.PathLike[str]) -> str:
     """A version string for an ETL output folder.
 
     ``dvc:<md5>`` when ``dvc.lock`` records the folder (the DVC-tracked dataset), else
-    ``manifests:<sha256[:16]>`` over the names and bytes of its ``manifests/*.parquet``.
+    ``manifests:<sha256[:16]>`` over the names and bytes of its ``manifests/*.parquet`` (the version the
+    ETL records in its drift reference, :func:`~snap2caption.data.etl.manifests_version`).
     """
     md5 = dvc_md5(data_dir)
     if md5:
         return f"dvc:{md5}"
-    digest = hashlib.sha256()
-    for path in sorted(Path(data_dir).glob("manifests/*.parquet")):
-        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return "manifests:" + digest.hexdigest()[:16]
+    return manifests_version(Path(data_dir) / "manifests")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from snap2caption.serving.settings import ModelServiceSettings
@@ -17,7 +17,7 @@ class Settings(ModelServiceSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="SNAP2CAPTION_CAPTIONER_", extra="ignore", protected_namespaces=()
+        env_prefix="SNAP2CAPTION_CAPTIONER_", extra="ignore", protected_namespaces=(), populate_by_name=True
     )
 
     port: int = Field(default=8001, ge=1, le=65535)
@@ -25,8 +25,10 @@ class Settings(ModelServiceSettings):
     # ---- which model
     model_name: str = Field(default="captioner", description="Registered model name.")
     model_alias: str = Field(default="production", description="Alias (or version number) to serve.")
-    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
         default="auto",
+        # _BACKEND: the name this setting had before "backend" was kept for the gateway's remote services.
+        validation_alias=AliasChoices("SNAP2CAPTION_CAPTIONER_RUNTIME", "SNAP2CAPTION_CAPTIONER_BACKEND"),
         description=(
             "Inference runtime: PyTorch, or the artifact's ONNX export on ONNX Runtime without torch in the "
             "process (`onnx-int8`: the dynamically quantized decoder); `auto`: onnx when the artifact has "
@@ -48,12 +50,12 @@ class Settings(ModelServiceSettings):
     )
     max_beams: int = Field(default=4, ge=1, le=16, description="Largest num_beams a request may ask.")
 
-    # ---- the torch backend on a GPU (unmeasured in this project's CI: no GPU there)
-    device: str = Field(default="cpu", description="Torch device of the torch backend (`cuda`, `cuda:1`).")
+    # ---- the torch runtime on a GPU (unmeasured in this project's CI: no GPU there)
+    device: str = Field(default="cpu", description="Torch device of the torch runtime (`cuda`, `cuda:1`).")
     static_decoder: bool = Field(
         default=False,
         description=(
-            "Torch backend: decode on a preallocated static KV cache (snap2caption.models.caption_static), "
+            "Torch runtime: decode on a preallocated static KV cache (snap2caption.models.caption.static), "
             "with one CUDA graph per padded batch size on CUDA."
         ),
     )

@@ -4,41 +4,39 @@ Pieces, request side first:
 
 - :func:`prepare_image`: bytes -> the safe decoder -> shrunk to the training store's max side -> the
   model's own ``Preprocess``: the pixels the model saw in training. Runs on request threads.
-- :class:`CaptionEngine`: owns the :class:`~snap2caption.serving.ModelStore` (the version
-  ``models:/captioner@production`` names) and the :class:`~snap2caption.serving.MicroBatcher`; a batch
-  reads the current model once, so it runs whole on one version.
-- :class:`CaptionBackend`: what a runtime must offer. :class:`TorchBackend` runs
-  :meth:`CaptionModel.generate` (greedy or beam search, KV cache); :class:`OnnxBackend` runs the same
-  decoding loop with the encoder and each decoder step on ONNX Runtime. :func:`load_backend` picks one.
+- :class:`CaptionEngine`: owns the :class:`~snap2caption.serving.lane.ModelLane` (the version
+  ``models:/captioner@production`` names, and its micro-batcher); a batch runs whole on one version.
+
+The model itself is a :class:`~snap2caption.models.caption.Captioner` that ``caption.load`` returns for the
+configured runtime (``torch``, ``onnx``, ``onnx-int8`` or ``auto``); this module only batches and answers.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from anyio import CapacityLimiter
 
 from services.captioner.config import Settings
 from snap2caption.errors import BadRequest
+from snap2caption.http import Readiness
 from snap2caption.imaging import DecodeLimits, Preprocess, decode_image
-from snap2caption.models.decoding import Caption
+from snap2caption.models import caption
+from snap2caption.models.caption import Captioner, StaticOptions
 from snap2caption.monitoring.drift import ModelDrift
 from snap2caption.registry import ModelVersionInfo, Registry
-from snap2caption.service import Readiness
-from snap2caption.serving import Batched, ModelSource
+from snap2caption.serving import Batched, LoadedModel, ModelSource
 from snap2caption.serving.inputs import prepare_images
 from snap2caption.serving.lane import ModelLane
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_MAX_SIDE = 512  # the ETL's resized image store, which training reads
-IMAGE_MAX_SIDE_KEY = "image_max_side"  # in the artifact's config.json "extra", when training records it
 
 
 @dataclass(frozen=True)
@@ -96,151 +94,16 @@ class ImageCaption:
     runtime: str = ""
 
 
-class CaptionBackend(Protocol):
-    """A caption model behind one runtime. Methods run on worker threads, never on the event loop.
-
-    Attributes:
-        backend: Runtime name (``torch``, ``onnx``, ``onnx-int8``).
-        spec: Input spec, from the artifact.
-        defaults: The model's default decoding options.
-        max_new_tokens_limit: Most new tokens the model's positions allow.
-    """
-
-    backend: str
-    spec: InputSpec
-    defaults: DecodeOptions
-    max_new_tokens_limit: int
-
-    def caption(self, pixels: np.ndarray, options: DecodeOptions) -> list[Caption]:
-        """(B, 3, H, W) float32 pixels -> one caption per image."""
-        ...
-
-
-@dataclass(frozen=True)
-class StaticOptions:
-    """How the torch backend runs: device, and the static-cache decoder (CUDA graphs on CUDA)."""
-
-    device: str = "cpu"
-    enabled: bool = False
-    dtype: str = "bfloat16"
-    cuda_graphs: bool = True
-    max_batch: int = 16
-    max_beams: int = 4
-    max_new_tokens: int = 32
-
-
-class TorchBackend:
-    """:class:`~snap2caption.models.caption.CaptionModel` in PyTorch, eval mode, KV-cached decoding."""
-
-    backend = "torch"
-
-    def __init__(
-        self, folder: Path, image_max_side: int | None = None, static: StaticOptions | None = None
-    ) -> None:
-        from snap2caption.models.artifact import load_caption_model
-
-        self.device = static.device if static else "cpu"
-        self.model, _ = load_caption_model(folder, verify=True, device=self.device)
-        self.spec = InputSpec(_max_side(folder, image_max_side), self.model.preprocess)
-        decoding = self.model.config.decoding
-        self.defaults = DecodeOptions(decoding.max_new_tokens, decoding.num_beams)
-        self.max_new_tokens_limit = self.model.config.decoder.n_positions - self.model.prefix_len - 1
-        if static is not None and static.enabled:
-            import torch
-
-            from snap2caption.models.caption_static import StaticDecoder
-
-            # The cache holds P + 1 + max_new_tokens positions for max_batch x max_beams rows.
-            self.max_new_tokens_limit = min(self.max_new_tokens_limit, static.max_new_tokens)
-            StaticDecoder.attach(
-                self.model,
-                max_batch=static.max_batch * static.max_beams,
-                max_new_tokens=self.max_new_tokens_limit,
-                dtype=torch.bfloat16 if static.dtype == "bfloat16" else torch.float32,
-                cuda_graphs=static.cuda_graphs,
-            )
-
-    def caption(self, pixels: np.ndarray, options: DecodeOptions) -> list[Caption]:
-        import torch
-
-        with torch.inference_mode():
-            return self.model.generate(
-                torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
-                max_new_tokens=options.max_new_tokens,
-                num_beams=options.num_beams,
-            )
-
-
-class OnnxBackend:
-    """The artifact's ONNX export on ONNX Runtime, decoded by the NumPy twin of the torch loop
-    (``snap2caption.models.caption_ort``): no torch or transformers in the process. ``int8`` picks the
-    dynamically quantized decoder (``snap2caption export caption --int8``)."""
-
-    def __init__(
-        self, folder: Path, image_max_side: int | None = None, threads: int = 1, int8: bool = False
-    ) -> None:
-        from snap2caption.models.caption_ort import CaptionOrt
-        from snap2caption.registry import verify_manifest
-
-        verify_manifest(folder)  # as load_caption_model(verify=True) does for torch
-        self.backend = "onnx-int8" if int8 else "onnx"
-        self.runtime = CaptionOrt(folder, threads=threads, int8=int8)
-        self.spec = InputSpec(_max_side(folder, image_max_side), self.runtime.preprocess)
-        decoding = self.runtime.decoding
-        self.defaults = DecodeOptions(decoding.max_new_tokens, decoding.num_beams)
-        self.max_new_tokens_limit = self.runtime.max_new_tokens_limit
-
-    def caption(self, pixels: np.ndarray, options: DecodeOptions) -> list[Caption]:
-        return self.runtime.generate(
-            pixels, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
-        )
-
-
-def _max_side(folder: Path, override: int | None) -> int:
-    """The settings' value, else the artifact's ``extra.image_max_side``, else 512."""
-    if override is not None:
-        return override
-    import json  # not models.artifact: it imports torch, which the ONNX backend runs without
-
-    info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    value = info.get("extra", {}).get(IMAGE_MAX_SIDE_KEY)
-    return int(value) if value else DEFAULT_IMAGE_MAX_SIDE
-
-
-def load_backend(
-    kind: str,
-    folder: Path,
-    *,
-    image_max_side: int | None,
-    threads: int,
-    static: StaticOptions | None = None,
-) -> CaptionBackend:
-    """Load a verified artifact folder into the runtime ``kind``.
-
-    Args:
-        kind: ``torch``, ``onnx`` or ``onnx-int8`` (the artifact must carry the ONNX export), or ``auto``
-            (``onnx`` when it does, else ``torch``).
-        folder: The downloaded, verified artifact.
-        image_max_side: Overrides the artifact's max side.
-        threads: Intra-op threads of ONNX Runtime sessions; torch's pools are process-wide and set
-            once at startup (``snap2caption.serving.configure_torch_threads``).
-
-    Raises:
-        ValueError: An unknown runtime, or an artifact without what the runtime needs.
-    """
-    if kind == "auto":
-        kind = "onnx" if (folder / "onnx" / "decoder.onnx").is_file() else "torch"
-    if kind == "torch":
-        return TorchBackend(folder, image_max_side, static)
-    if kind in ("onnx", "onnx-int8"):
-        return OnnxBackend(folder, image_max_side, threads, int8=kind == "onnx-int8")
-    raise ValueError(f"unknown caption backend {kind!r} (torch, onnx, onnx-int8)")
-
-
-def warm_up(backend: CaptionBackend) -> None:
+def warm_up(captioner: Captioner) -> None:
     """One dummy batch (a mid-grey image) through the whole decode path, before the model serves."""
-    shape = backend.spec.preprocess.output_shape
-    backend.caption(np.zeros((1, *shape), np.float32), backend.defaults)
+    captioner.generate(np.zeros((1, *captioner.preprocess.output_shape), np.float32))
+
+
+def input_spec(captioner: Captioner, image_max_side: int | None) -> InputSpec:
+    """How ``captioner`` wants its images: the settings' max side, else the artifact's, else 512."""
+    if image_max_side is None:
+        image_max_side = captioner.image_max_side or DEFAULT_IMAGE_MAX_SIDE
+    return InputSpec(image_max_side, captioner.preprocess)
 
 
 def prepare_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarray:
@@ -285,12 +148,14 @@ class CaptionEngine:
     def __init__(self, settings: Settings, source_factory: Callable[[], ModelSource] | None = None) -> None:
         self.settings = settings
         self.limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self.lane: ModelLane[CaptionBackend, ImageItem, ImageCaption] = ModelLane(
+        self.lane: ModelLane[Captioner, InputSpec, ImageItem, ImageCaption] = ModelLane(
             settings.model_name,
             settings.model_alias,
-            settings.backend,
+            settings.runtime,
             loader=self._load,
             warmup=warm_up,
+            spec=lambda captioner: input_spec(captioner, settings.image_max_side),
+            redo=lambda item, spec: ImageItem(item.data, spec, prepare_image(item.data, spec, self.limits)),
             batch_fn=self._run_batch,
             settings=settings,
             source_factory=source_factory or (lambda: Registry(settings.tracking_uri)),
@@ -300,24 +165,24 @@ class CaptionEngine:
         # serving artifact carries; off for artifacts without one.
         self.drift = ModelDrift.from_settings("captioner", settings)
 
-    def _load(self, folder: Path, info: ModelVersionInfo) -> CaptionBackend:
-        backend = load_backend(
-            self.settings.backend,
+    def _load(self, folder: Path, info: ModelVersionInfo) -> Captioner:
+        s = self.settings
+        captioner = caption.load(
             folder,
-            image_max_side=self.settings.image_max_side,
-            threads=self.settings.threads,
+            s.runtime,
+            threads=s.threads,
             static=StaticOptions(
-                device=self.settings.device,
-                enabled=self.settings.static_decoder,
-                dtype=self.settings.static_dtype,
-                cuda_graphs=self.settings.cuda_graphs,
-                max_batch=self.settings.max_batch_size,
-                max_beams=self.settings.max_beams,
-                max_new_tokens=self.settings.max_new_tokens,
+                device=s.device,
+                enabled=s.static_decoder,
+                dtype=s.static_dtype,
+                cuda_graphs=s.cuda_graphs,
+                max_batch=s.max_batch_size,
+                max_beams=s.max_beams,
+                max_new_tokens=s.max_new_tokens,
             ),
         )
         self.drift.loaded(info.version, folder)
-        return backend
+        return captioner
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -346,13 +211,13 @@ class CaptionEngine:
             NotReady: No model loaded yet.
             BadRequest: A value over the service's or the model's limit.
         """
-        backend = self.lane.store.get().model
-        limit = min(self.settings.max_new_tokens, backend.max_new_tokens_limit)
+        captioner = self.lane.store.get().model
+        limit = min(self.settings.max_new_tokens, captioner.max_new_tokens_limit)
         beams = self.settings.max_beams
         if max_new_tokens is None:
-            max_new_tokens = min(backend.defaults.max_new_tokens, limit)
+            max_new_tokens = min(captioner.decoding.max_new_tokens, limit)
         if num_beams is None:
-            num_beams = min(backend.defaults.num_beams, beams)
+            num_beams = min(captioner.decoding.num_beams, beams)
         options = DecodeOptions(max_new_tokens, num_beams)
         if not 1 <= options.max_new_tokens <= limit:
             raise BadRequest(f"max_new_tokens must be between 1 and {limit}, got {options.max_new_tokens}")
@@ -367,8 +232,7 @@ class CaptionEngine:
             ImageError: The first refused image's error, its message prefixed with its position when
                 the request has several.
         """
-        loaded = self.lane.store.get()
-        spec = loaded.model.spec
+        loaded, spec = self.lane.current()
         pixels = await prepare_images(
             images, lambda data: self._prepare(data, spec, loaded.version), self._decode_limiter
         )
@@ -399,25 +263,20 @@ class CaptionEngine:
             batched.outputs[0].runtime,
         )
 
-    def _run_batch(self, items: list[ImageItem], options: object) -> list[ImageCaption]:
-        """One model call (on the batcher's thread): every item on the model current at its start."""
+    def _run_batch(
+        self, loaded: LoadedModel[Captioner], items: list[ImageItem], options: Hashable
+    ) -> list[ImageCaption]:
+        """One model call (on the batcher's thread), every item prepared for ``loaded``'s spec."""
         assert isinstance(options, DecodeOptions)
-        loaded = self.lane.store.get()
-        backend = loaded.model
-        spec = backend.spec
-        pixels = np.stack(
-            [
-                item.pixels if item.spec == spec else prepare_image(item.data, spec, self.limits)
-                for item in items
-            ]
-        )  # (B, 3, H, W)
+        captioner = loaded.model
+        pixels = np.stack([item.pixels for item in items])  # (B, 3, H, W)
         # Checked against the model current when the request came; a model swapped in since may allow fewer.
-        options = DecodeOptions(min(options.max_new_tokens, backend.max_new_tokens_limit), options.num_beams)
-        captions = backend.caption(pixels, options)
+        max_new_tokens = min(options.max_new_tokens, captioner.max_new_tokens_limit)
+        captions = captioner.generate(pixels, max_new_tokens=max_new_tokens, num_beams=options.num_beams)
         out = [
-            ImageCaption(c.text, math.exp(c.confidence), c.n_tokens, loaded.version, backend.backend)
+            ImageCaption(c.text, math.exp(c.confidence), c.n_tokens, loaded.version, captioner.runtime)
             for c in captions
         ]
-        for caption in out:  # output drift: the reference holds the test split's confidences
-            self.drift.observe(loaded.version, {"caption_confidence": caption.confidence})
+        for result in out:  # output drift: the reference holds the test split's confidences
+            self.drift.observe(loaded.version, {"caption_confidence": result.confidence})
         return out

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from services.captioner.engine import CaptionEngine
 from services.captioner.schemas import CaptionResponse, DecodeSettings, ImageCaptionResult
-from snap2caption.service import error_responses
+from snap2caption.http import error_responses
 from snap2caption.serving.inputs import IMAGE_REQUEST_BODY, read_images, request_deadline
 from snap2caption.serving.schemas import ModelRef, TimeoutMs, Timings
 

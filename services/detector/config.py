@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from snap2caption.models.runtime import RuntimeChoice
 from snap2caption.serving.settings import ModelServiceSettings
 
-BackendChoice = Literal["auto", "onnx", "torch"]
+
+def _env(name: str) -> AliasChoices:
+    """The environment names of a runtime setting: ``..._RUNTIME``, and ``..._BACKEND``, the name it had
+    before "backend" was kept for the gateway's remote services."""
+    prefix = f"SNAP2CAPTION_DETECTOR_{name.upper()}"
+    return AliasChoices(f"{prefix}_RUNTIME", f"{prefix}_BACKEND")
 
 
 class Settings(ModelServiceSettings):
@@ -20,7 +24,7 @@ class Settings(ModelServiceSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="SNAP2CAPTION_DETECTOR_", extra="ignore", protected_namespaces=()
+        env_prefix="SNAP2CAPTION_DETECTOR_", extra="ignore", protected_namespaces=(), populate_by_name=True
     )
 
     port: int = Field(default=8002, ge=1, le=65535)
@@ -28,15 +32,17 @@ class Settings(ModelServiceSettings):
     # ---- which models
     detector_model: str = Field(default="detector", description="Registered name of the object detector.")
     detector_alias: str = Field(default="production", description="Alias (or version number) to serve.")
-    detector_backend: BackendChoice = Field(
+    detector_runtime: RuntimeChoice = Field(
         default="auto",
+        validation_alias=_env("detector"),
         description="Runtime; auto: ONNX Runtime when the artifact has model.onnx, else torch.",
     )
     detector_int8: bool = Field(default=False, description="Run the artifact's model.int8.onnx (ONNX only).")
     tagger_model: str = Field(default="tagger", description="Registered name of the image tagger.")
     tagger_alias: str = Field(default="production", description="Alias (or version number) to serve.")
-    tagger_backend: BackendChoice = Field(
+    tagger_runtime: RuntimeChoice = Field(
         default="auto",
+        validation_alias=_env("tagger"),
         description="Runtime; auto: ONNX Runtime when the artifact has model.onnx, else torch.",
     )
     tagger_int8: bool = Field(default=False, description="Run the artifact's model.int8.onnx (ONNX only).")

@@ -3,23 +3,26 @@ over its own hot-swappable model.
 
 Pieces, request side first:
 
-- :meth:`DetectorEngine.prepare_detect` / :meth:`~DetectorEngine.prepare_tags`: bytes -> the safe decoder
-  (upright RGB at full resolution, EXIF orientation applied) -> the model's own preprocessing (the
-  detector's letterbox, the tagger's resize + crop + normalise). Runs on request threads.
+- :meth:`DetectorEngine.prepare`: bytes -> the safe decoder (upright RGB at full resolution, EXIF
+  orientation applied), once per image, -> the preprocessing of each model the request asks for (the
+  detector's letterbox, the tagger's resize + crop + normalise), from that one decoded image. Runs on
+  request threads. ``/v1/analyze`` asks for both, ``/v1/detect`` and ``/v1/tags`` for one.
 - :class:`~snap2caption.serving.lane.ModelLane`: one served model, its
   :class:`~snap2caption.serving.ModelStore` (the version ``models:/<name>@<alias>`` names, hot-swapped
-  when the alias moves) and its :class:`~snap2caption.serving.MicroBatcher`.
-  The service has two: ``detector`` and ``tagger``.
-- The batch functions: one network call per batch on the model current at its start; then each image's
-  post-processing with its own request's options (NMS thresholds, ``top_k``), so requests that ask for
-  different options still share a network call. Boxes come back in the pixels of the decoded image:
-  the original image after EXIF orientation.
-- :func:`load_detector` / :func:`load_tagger`: an artifact folder on ONNX Runtime or PyTorch; ``auto``
-  picks ONNX Runtime when the artifact has ``model.onnx``.
+  when the alias moves) and its :class:`~snap2caption.serving.MicroBatcher`. The service has two:
+  ``detector`` and ``tagger``.
+- The batch functions: one network call per batch; then each image's post-processing with its own
+  request's options (NMS thresholds, ``top_k``), so requests that ask for different options still share a
+  network call. Boxes come back in the pixels of the decoded image: the original image after EXIF
+  orientation.
+
+The models themselves are what ``detector.load`` and ``tagger.load`` return for the configured runtime
+(``onnx``, ``torch`` or ``auto``); this module only batches and answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -27,97 +30,22 @@ from pathlib import Path
 
 import numpy as np
 from anyio import CapacityLimiter
+from PIL import Image
 
-from services.detector.config import BackendChoice, Settings
+from services.detector.config import Settings
 from snap2caption.errors import BadRequest
+from snap2caption.http import Readiness
 from snap2caption.imaging import DecodeLimits, Preprocess, decode_image
-from snap2caption.models.detector import ONNX_FILE as DETECTOR_ONNX_FILE
-from snap2caption.models.detector import Backend, Detection, Detector, Letterbox, letterbox, postprocess
-from snap2caption.models.tagger_onnx import ONNX_FILE as TAGGER_ONNX_FILE
-from snap2caption.models.tagger_onnx import TaggerOnnx
-from snap2caption.models.tags import Tag
+from snap2caption.models import detector as detector_model
+from snap2caption.models import tagger as tagger_model
+from snap2caption.models.detector import Detection, Detector
+from snap2caption.models.detector.boxes import Letterbox, letterbox, postprocess
+from snap2caption.models.tagger import Tag, Tagger
 from snap2caption.monitoring.drift import ModelDrift
 from snap2caption.registry import ModelVersionInfo, Registry
-from snap2caption.service import Readiness
-from snap2caption.serving import Batched, ModelSource
+from snap2caption.serving import Batched, LoadedModel, ModelSource
 from snap2caption.serving.inputs import prepare_images
 from snap2caption.serving.lane import ModelLane
-
-# ---------------------------------------------------------------------------------------------- runtimes
-
-
-def resolve_backend(choice: BackendChoice, folder: Path, onnx_file: str) -> Backend:
-    """``onnx`` or ``torch``: the choice itself, or for ``auto`` ONNX when the artifact has ``onnx_file``."""
-    if choice != "auto":
-        return choice
-    return "onnx" if (folder / onnx_file).is_file() else "torch"
-
-
-def load_detector(folder: Path, choice: BackendChoice, *, int8: bool, threads: int) -> Detector:
-    """A verified detector artifact on ONNX Runtime or PyTorch (the Ultralytics network from YAML +
-    safetensors; torch's threads are set process-wide at startup).
-
-    Raises:
-        ValueError, FileNotFoundError: An artifact without what the runtime needs.
-    """
-    backend = resolve_backend(choice, folder, DETECTOR_ONNX_FILE)
-    return Detector.load(folder, backend, int8=int8, threads=threads)
-
-
-class TaggerRunner:
-    """The tagger behind one runtime, split where the service needs it: preprocessing (request threads),
-    the network (the batch), tags from logits (per image, with the request's options).
-
-    Args:
-        backend: ``onnx`` or ``torch``.
-        preprocess: The artifact's preprocessing (PIL image -> (3, H, W) float32).
-        forward: ``(B, 3, H, W)`` float32 pixels -> ``(B, num_classes)`` float32 logits.
-        to_tags: ``to_tags(logits, top_k=, min_score=)``, the tagger's own ``from_logits``.
-    """
-
-    def __init__(
-        self,
-        backend: str,
-        preprocess: Preprocess,
-        forward: Callable[[np.ndarray], np.ndarray],
-        to_tags: Callable[..., list[list[Tag]]],
-    ) -> None:
-        self.backend = backend
-        self.preprocess = preprocess
-        self.forward = forward
-        self.to_tags = to_tags
-
-
-def load_tagger(folder: Path, choice: BackendChoice, *, int8: bool, threads: int) -> TaggerRunner:
-    """A verified tagger artifact on ONNX Runtime (``TaggerOnnx``) or PyTorch (``Tagger``).
-
-    Raises:
-        ValueError, FileNotFoundError: An artifact without what the runtime needs.
-    """
-    backend = resolve_backend(choice, folder, TAGGER_ONNX_FILE)
-    if backend == "onnx":
-        onnx_tagger = TaggerOnnx.load(folder, int8=int8, threads=threads)
-        session = onnx_tagger.session
-        input_name = session.get_inputs()[0].name
-
-        def run_onnx(pixels: np.ndarray) -> np.ndarray:
-            return np.asarray(session.run(None, {input_name: pixels})[0], dtype=np.float32)
-
-        return TaggerRunner("onnx", onnx_tagger.preprocess, run_onnx, onnx_tagger.from_logits)
-    if int8:
-        raise ValueError("int8 is an ONNX variant; use the onnx backend")
-    # torch only on this path: the ONNX one runs without it in the process (~480 MB less memory).
-    import torch
-
-    from snap2caption.models.tagger import Tagger
-
-    tagger = Tagger.load(folder)
-
-    def run_torch(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return tagger.net(torch.from_numpy(pixels).to(tagger.device)).float().cpu().numpy()
-
-    return TaggerRunner("torch", tagger.preprocess, run_torch, tagger.from_logits)
 
 
 def warm_up_detector(detector: Detector) -> None:
@@ -125,7 +53,7 @@ def warm_up_detector(detector: Detector) -> None:
     detector.raw(np.zeros((1, 3, detector.imgsz, detector.imgsz), np.float32))
 
 
-def warm_up_tagger(tagger: TaggerRunner) -> None:
+def warm_up_tagger(tagger: Tagger) -> None:
     """One blank input through the network, before the model serves."""
     tagger.forward(np.zeros((1, *tagger.preprocess.output_shape), np.float32))
 
@@ -205,6 +133,14 @@ class TagItem:
 
 
 @dataclass(frozen=True)
+class PreparedImages:
+    """A request's images, prepared for the models it asks for (None for a model it does not)."""
+
+    objects: list[DetectItem] | None
+    tags: list[TagItem] | None
+
+
+@dataclass(frozen=True)
 class ObjectsResult:
     """One image's objects.
 
@@ -213,14 +149,14 @@ class ObjectsResult:
         width: That image's width.
         height: Its height.
         version: The detector version that found them.
-        backend: Its runtime.
+        runtime: Its runtime.
     """
 
     objects: list[Detection]
     width: int
     height: int
     version: int
-    backend: str
+    runtime: str
 
 
 @dataclass(frozen=True)
@@ -231,7 +167,18 @@ class TagsResult:
     width: int
     height: int
     version: int
-    backend: str
+    runtime: str
+
+
+def detect_item(image: Image.Image, data: bytes, spec: LetterboxSpec, options: DetectOptions) -> DetectItem:
+    """The detector's input for one decoded (upright, full-size) image: boxes map back to it."""
+    pixels, box = letterbox(image, spec.imgsz, spec.pad_value)
+    return DetectItem(data, spec, pixels, box, options)
+
+
+def tag_item(image: Image.Image, data: bytes, spec: Preprocess, options: TagOptions) -> TagItem:
+    """The tagger's input for one decoded image."""
+    return TagItem(data, spec, spec(image), image.width, image.height, options)
 
 
 # ------------------------------------------------------------------------------------------------- lanes
@@ -267,36 +214,40 @@ class DetectorEngine:
         self.settings = settings
         self.limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         source = shared_source(source_factory or (lambda: Registry(settings.tracking_uri)))
-        self.detector: ModelLane[Detector, DetectItem, ObjectsResult] = ModelLane(
+        self.detector: ModelLane[Detector, LetterboxSpec, DetectItem, ObjectsResult] = ModelLane(
             settings.detector_model,
             settings.detector_alias,
-            settings.detector_backend,
+            settings.detector_runtime,
             loader=self._load_detector,
             warmup=warm_up_detector,
+            spec=LetterboxSpec.of,
+            redo=lambda item, spec: detect_item(self._decode(item.data), item.data, spec, item.options),
             batch_fn=self._detect_batch,
             settings=settings,
             source_factory=source,
         )
-        self.tagger: ModelLane[TaggerRunner, TagItem, TagsResult] = ModelLane(
+        self.tagger: ModelLane[Tagger, Preprocess, TagItem, TagsResult] = ModelLane(
             settings.tagger_model,
             settings.tagger_alias,
-            settings.tagger_backend,
-            loader=lambda folder, _: load_tagger(
-                folder, settings.tagger_backend, int8=settings.tagger_int8, threads=settings.threads
+            settings.tagger_runtime,
+            loader=lambda folder, _: tagger_model.load(
+                folder, settings.tagger_runtime, int8=settings.tagger_int8, threads=settings.threads
             ),
             warmup=warm_up_tagger,
+            spec=lambda tagger: tagger.preprocess,
+            redo=lambda item, spec: tag_item(self._decode(item.data), item.data, spec, item.options),
             batch_fn=self._tag_batch,
             settings=settings,
             source_factory=source,
         )
         self._decode_limiter = CapacityLimiter(settings.decode_threads)
-        # Input drift of the images sent to /v1/detect against the detector artifact's reference (the
+        # Input drift of the images sent to the detector against the detector artifact's reference (the
         # detector's training images); the tagger's artifact comes from ImageNet weights and has none.
         self.drift = ModelDrift.from_settings("detector", settings)
 
     def _load_detector(self, folder: Path, info: ModelVersionInfo) -> Detector:
         s = self.settings
-        detector = load_detector(folder, s.detector_backend, int8=s.detector_int8, threads=s.threads)
+        detector = detector_model.load(folder, s.detector_runtime, int8=s.detector_int8, threads=s.threads)
         self.drift.loaded(info.version, folder)
         return detector
 
@@ -359,88 +310,105 @@ class DetectorEngine:
             raise BadRequest(f"top_k must be between 1 and {s.top_k_limit}, got {options.top_k}")
         return options
 
-    # ------------------------------------------------------------------------------ detect
+    # ------------------------------------------------------------------------------ inputs
 
-    def _letterboxed(
-        self, data: bytes, spec: LetterboxSpec, options: DetectOptions, version: int | None = None
-    ) -> DetectItem:
-        decoded = decode_image(data, self.limits)  # upright RGB, full size: boxes map back to it
-        if version is not None:  # first preparation of a request's image (not a redo after a swap)
-            self.drift.observe_image(version, data, decoded, self.limits)
-        pixels, box = letterbox(decoded.image, spec.imgsz, spec.pad_value)
-        return DetectItem(data, spec, pixels, box, options)
+    def _decode(self, data: bytes) -> Image.Image:
+        """The upright RGB image at full size (boxes map back to it)."""
+        return decode_image(data, self.limits).image
 
-    async def prepare_detect(self, images: Sequence[bytes], options: DetectOptions) -> list[DetectItem]:
-        """Decode and letterbox images on worker threads (at most ``decode_threads`` at once), in order.
+    async def prepare(
+        self,
+        images: Sequence[bytes],
+        *,
+        objects: DetectOptions | None = None,
+        tags: TagOptions | None = None,
+    ) -> PreparedImages:
+        """Decode each image once and make from it the input of each model asked for, on worker threads
+        (at most ``decode_threads`` at once), in order.
+
+        Args:
+            images: The request's image bytes.
+            objects: The detection options, when the request asks for objects.
+            tags: The tagging options, when it asks for tags.
 
         Raises:
+            NotReady: A model asked for is not loaded yet.
             ImageError: The first refused image's error (``image <i>: ...`` when there are several).
         """
-        loaded = self.detector.store.get()
-        spec = LetterboxSpec.of(loaded.model)
-        return await prepare_images(
-            images, lambda data: self._letterboxed(data, spec, options, loaded.version), self._decode_limiter
+        detector = self.detector.current() if objects is not None else None
+        tagger_spec = self.tagger.current()[1] if tags is not None else None
+
+        def prepare_one(data: bytes) -> tuple[DetectItem | None, TagItem | None]:
+            decoded = decode_image(data, self.limits)
+            detect = tag = None
+            if detector is not None and objects is not None:
+                loaded, spec = detector
+                self.drift.observe_image(loaded.version, data, decoded, self.limits)
+                detect = detect_item(decoded.image, data, spec, objects)
+            if tagger_spec is not None and tags is not None:
+                tag = tag_item(decoded.image, data, tagger_spec, tags)
+            return detect, tag
+
+        pairs = await prepare_images(images, prepare_one, self._decode_limiter)
+        return PreparedImages(
+            [d for d, _ in pairs if d is not None] if objects is not None else None,
+            [t for _, t in pairs if t is not None] if tags is not None else None,
         )
 
-    async def detect(self, items: Sequence[DetectItem], deadline: float) -> Batched[ObjectsResult]:
-        """Detect objects in prepared images through the detector's batcher.
+    # ------------------------------------------------------------------------------ models
+
+    async def analyze(
+        self, prepared: PreparedImages, deadline: float
+    ) -> tuple[Batched[ObjectsResult] | None, Batched[TagsResult] | None]:
+        """Run the models a request asked for on its prepared images, both at once, each through its batcher.
+
+        Returns:
+            The detector's and the tagger's outputs (None for a model not asked for).
 
         Raises:
-            Overloaded: The queue is full (503). Timeout: ``deadline`` passed (504).
+            Overloaded: A queue is full (503). Timeout: ``deadline`` passed (504). The other model's
+                items are then withdrawn: the request fails whole.
         """
-        return await self.detector.batcher.submit(items, deadline=deadline)
+        runs: list[asyncio.Future[Batched[ObjectsResult]] | asyncio.Future[Batched[TagsResult]]] = []
+        objects = tags = None
+        if prepared.objects is not None:
+            objects = asyncio.ensure_future(self.detector.batcher.submit(prepared.objects, deadline=deadline))
+            runs.append(objects)
+        if prepared.tags is not None:
+            tags = asyncio.ensure_future(self.tagger.batcher.submit(prepared.tags, deadline=deadline))
+            runs.append(tags)
+        try:
+            await asyncio.gather(*runs)
+        except BaseException:
+            for run in runs:
+                run.cancel()
+            raise
+        return (objects.result() if objects else None), (tags.result() if tags else None)
 
-    def _detect_batch(self, items: list[DetectItem], key: Hashable) -> list[ObjectsResult]:
-        """One network call (on the batcher's thread) on the detector current at its start."""
-        loaded = self.detector.store.get()
+    def _detect_batch(
+        self, loaded: LoadedModel[Detector], items: list[DetectItem], key: Hashable
+    ) -> list[ObjectsResult]:
+        """One network call (on the batcher's thread), every item letterboxed for ``loaded``."""
         detector = loaded.model
-        spec = LetterboxSpec.of(detector)
-        items = [i if i.spec == spec else self._letterboxed(i.data, spec, i.options) for i in items]
         raw = detector.raw(np.stack([item.pixels for item in items]))  # (B, 4 + nc, anchors)
         results = []
         for k, item in enumerate(items):
             o = item.options
             [objects] = postprocess(raw[k : k + 1], [item.box], detector.names, o.conf, o.iou, o.max_det)
             results.append(
-                ObjectsResult(objects, item.box.width, item.box.height, loaded.version, detector.backend)
+                ObjectsResult(objects, item.box.width, item.box.height, loaded.version, detector.runtime)
             )
         return results
 
-    # ------------------------------------------------------------------------------ tags
-
-    def _preprocessed(self, data: bytes, spec: Preprocess, options: TagOptions) -> TagItem:
-        image = decode_image(data, self.limits).image
-        return TagItem(data, spec, spec(image), image.width, image.height, options)
-
-    async def prepare_tags(self, images: Sequence[bytes], options: TagOptions) -> list[TagItem]:
-        """Decode and preprocess images for the tagger on worker threads, in order.
-
-        Raises:
-            ImageError: The first refused image's error (``image <i>: ...`` when there are several).
-        """
-        spec = self.tagger.store.get().model.preprocess
-        return await prepare_images(
-            images, lambda data: self._preprocessed(data, spec, options), self._decode_limiter
-        )
-
-    async def tag(self, items: Sequence[TagItem], deadline: float) -> Batched[TagsResult]:
-        """Tag prepared images through the tagger's batcher.
-
-        Raises:
-            Overloaded: The queue is full (503). Timeout: ``deadline`` passed (504).
-        """
-        return await self.tagger.batcher.submit(items, deadline=deadline)
-
-    def _tag_batch(self, items: list[TagItem], key: Hashable) -> list[TagsResult]:
-        """One network call (on the batcher's thread) on the tagger current at its start."""
-        loaded = self.tagger.store.get()
+    def _tag_batch(
+        self, loaded: LoadedModel[Tagger], items: list[TagItem], key: Hashable
+    ) -> list[TagsResult]:
+        """One network call (on the batcher's thread), every item preprocessed for ``loaded``."""
         tagger = loaded.model
-        spec = tagger.preprocess
-        items = [i if i.spec == spec else self._preprocessed(i.data, spec, i.options) for i in items]
         logits = tagger.forward(np.stack([item.pixels for item in items]))  # (B, num_classes)
         results = []
         for k, item in enumerate(items):
             o = item.options
-            [tags] = tagger.to_tags(logits[k : k + 1], top_k=o.top_k, min_score=o.min_score)
-            results.append(TagsResult(tags, item.width, item.height, loaded.version, tagger.backend))
+            [tags] = tagger.from_logits(logits[k : k + 1], top_k=o.top_k, min_score=o.min_score)
+            results.append(TagsResult(tags, item.width, item.height, loaded.version, tagger.runtime))
         return results

@@ -94,3 +94,13 @@ class TagsResponse(BaseModel):
     options: TagSettings
     batch_size: int = Field(description="Images in the model call this request ran in (others' included).")
     timings: Timings
+
+
+class AnalyzeResponse(BaseModel):
+    """``POST /v1/analyze``: what ``/v1/tags`` and ``/v1/detect`` answer, from one call and one decode per
+    image; a key is present only when ``features`` asks for it."""
+
+    tags: TagsResponse | None = Field(default=None, description="Exactly the answer of `POST /v1/tags`.")
+    objects: DetectResponse | None = Field(
+        default=None, description="Exactly the answer of `POST /v1/detect`."
+    )

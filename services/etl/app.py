@@ -18,8 +18,8 @@ from services.etl.engine import ETL_JOBS, JobRunner
 from services.etl.jobs import JobStore
 from services.etl.routes import router
 from snap2caption import __version__
-from snap2caption.service import Readiness
-from snap2caption.service import create_app as create_service_app
+from snap2caption.http import Readiness
+from snap2caption.http import create_app as create_service_app
 
 logger = logging.getLogger(__name__)
 

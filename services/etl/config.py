@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from snap2caption.service import ServiceSettings
+from snap2caption.http import ServiceSettings
 
 
 class Settings(ServiceSettings):

@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event, func, select, update
+from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.etl.schemas import JobRequest
+from snap2caption.db import use_sqlite_pragmas
 from snap2caption.errors import BadRequest, Overloaded
 
 
@@ -68,8 +69,7 @@ class JobStore:
 
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        use_sqlite_pragmas(self.engine)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # Serialises the check-then-write steps (queue bound, claiming) within this process.
@@ -193,16 +193,6 @@ class JobStore:
                     row.stage, row.done, row.total = None, 0, None
                     requeued.append(row.id)
         return requeued, failed
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL: readers (status polls) never wait for the runner's writes; a killed process loses nothing
-    # committed. busy_timeout: concurrent writers wait instead of failing.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()
 
 
 def resolve_spec(request: JobRequest, data_root: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from services.etl.engine import JobRunner, effective_options, etl_config
 from services.etl.jobs import JobRow, JobStore, relative_to_root, resolve_spec, utc
 from services.etl.schemas import Job, JobList, JobRequest, JobStatus, JobSummary
 from snap2caption.errors import NotFound
-from snap2caption.service import error_responses
+from snap2caption.http import error_responses
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

@@ -23,8 +23,8 @@ from services.gateway.config import Settings
 from services.gateway.engine import Gateway
 from services.gateway.routes import authenticate, router
 from snap2caption import __version__
-from snap2caption.service import REQUEST_ID_HEADER, BodyPace, Readiness
-from snap2caption.service import create_app as create_service_app
+from snap2caption.http import REQUEST_ID_HEADER, BodyPace, Readiness
+from snap2caption.http import create_app as create_service_app
 
 logger = logging.getLogger(__name__)
 

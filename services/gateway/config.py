@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.gateway.db import default_database_url
-from snap2caption.service import ServiceSettings
+from snap2caption.http import ServiceSettings
 
 Profile = Literal["local", "production"]
 

@@ -30,10 +30,11 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    event,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
+
+from snap2caption.db import use_sqlite_pragmas
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +119,6 @@ def default_database_url() -> str:
     return f"sqlite:///{home / 'gateway.db'}"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL: readers (key checks, feedback) never wait for the log writer; busy_timeout: the CLI and
-    # several gateway workers writing at once wait briefly instead of failing with "database is locked".
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
 def make_engine(url: str, migrate: bool = True) -> Engine:
     """Open the gateway database at ``url``, creating the folder (SQLite) and upgrading the schema.
 
@@ -157,8 +147,7 @@ def make_engine(url: str, migrate: bool = True) -> Engine:
     else:
         kwargs["pool_pre_ping"] = True
     engine = create_engine(parsed, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+    use_sqlite_pragmas(engine)
     if migrate:
         from services.gateway.migrations import upgrade
 

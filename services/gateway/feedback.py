@@ -10,8 +10,9 @@ A JSON body carries the fields; a ``multipart/form-data`` body carries the same 
 as ``file``. The image goes through the gateway's safe decoder and caps (413, 415, 422 as for
 ``/v1/analyze``) and must be the very bytes that were analysed (the SHA-256 of the original bytes, which
 the log keeps): otherwise 409 ``image_mismatch``. A matching image is kept with the analysis in the
-inference log, where retained images live, so ``snap2caption data feedback-export`` (below) can turn the
-feedback into a COCO captions dataset even though the gateway retains no images by default.
+inference log, where retained images live, so ``snap2caption data feedback-export``
+(``snap2caption.data.feedback_export``) can turn the feedback into a COCO captions dataset even though the
+gateway retains no images by default.
 
 The app must hold the gateway database engine in ``app.state.db_engine`` and its settings in
 ``app.state.settings``; when the gateway protects this router with its auth dependency, the caller's key
@@ -21,13 +22,8 @@ id is stored with the feedback.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import re
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,12 +35,13 @@ from starlette.datastructures import UploadFile
 
 from services.gateway.config import Settings
 from services.gateway.db import feedback, inference_log
-from services.gateway.routes import _validation_message
 from snap2caption.api import FeedbackResponse
 from snap2caption.data.captions import CaptionPolicy, normalise_caption
 from snap2caption.errors import BadRequest, Conflict, NotFound, Overloaded
+from snap2caption.http import error_responses
+from snap2caption.http.errors import validation_message
+from snap2caption.http.uploads import is_multipart
 from snap2caption.imaging import DecodeLimits, decode_image
-from snap2caption.service import error_responses
 
 router = APIRouter(tags=["feedback"])
 
@@ -159,7 +156,7 @@ FEEDBACK_BODY: dict[str, Any] = {
 async def _read_body(request: Request, max_image_bytes: int) -> tuple[FeedbackRequest, bytes | None]:
     """The feedback and its image (multipart), or the feedback alone (any other body is read as JSON)."""
     try:
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        if is_multipart(request):
             fields, image = await _read_form(request, max_image_bytes)
             return FeedbackRequest.model_validate(fields), image
         raw = await request.body()
@@ -167,7 +164,7 @@ async def _read_body(request: Request, max_image_bytes: int) -> tuple[FeedbackRe
             raise BadRequest("empty body: send the feedback as JSON (or multipart/form-data with the image)")
         return FeedbackRequest.model_validate_json(raw), None
     except ValidationError as exc:
-        raise BadRequest(_validation_message(exc)) from None
+        raise BadRequest(validation_message(exc)) from None
 
 
 async def _read_form(request: Request, max_image_bytes: int) -> tuple[dict[str, str], bytes | None]:
@@ -307,140 +304,3 @@ async def post_feedback(request: Request) -> FeedbackResponse:
             )
             raise NotFound(f"no analysis with {named}")
         await asyncio.sleep(_POLL_S)
-
-
-# --- export: feedback -> a COCO captions dataset the ETL consumes ------------------------------------
-
-_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp", "tiff": "tiff"}
-
-
-@dataclass
-class ExportReport:
-    """What :func:`export_feedback` wrote and why anything was left out.
-
-    Attributes:
-        images: Images written (one per distinct image, however many requests showed it).
-        captions: Caption annotations written.
-        corrected: Of those, corrected captions sent as feedback.
-        confirmed: Of those, logged captions kept because of a rating >= ``min_rating``.
-        skipped: Feedback left out, by reason: ``rating_below_min``, ``no_logged_caption``,
-            ``image_not_retained`` (one per feedback row).
-    """
-
-    images: int = 0
-    captions: int = 0
-    corrected: int = 0
-    confirmed: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + n
-
-
-def _logged_caption(outputs: Any) -> str | None:
-    caption = outputs.get("caption") if isinstance(outputs, dict) else None
-    if isinstance(caption, dict):
-        caption = caption.get("text")
-    return caption if isinstance(caption, str) and caption.strip() else None
-
-
-def export_feedback(engine: Engine, out: Path, min_rating: int = 4) -> ExportReport:
-    """Turn accepted feedback into ``out/images/<sha256>.<ext>`` + ``out/annotations/captions.json`` (COCO).
-
-    Accepted: a corrected caption (whatever the rating), or a rating >= ``min_rating`` without one,
-    which keeps the caption the model answered. Only analyses whose original image is in the inference
-    log (retained by the gateway, or sent with feedback) can be exported; the rest are counted in
-    ``skipped``. Re-running is idempotent:
-    unchanged images are not rewritten and images no longer exported are removed from ``out/images``.
-
-    Args:
-        engine: The gateway database.
-        out: Output folder.
-        min_rating: Lowest rating that confirms the logged caption.
-
-    Returns:
-        The counts.
-    """
-    report = ExportReport()
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(feedback.c.inference_id, feedback.c.caption, feedback.c.rating).order_by(feedback.c.id)
-        ).all()
-    by_analysis: dict[str, list[tuple[str | None, int | None]]] = {}
-    for row in rows:
-        by_analysis.setdefault(row.inference_id, []).append((row.caption, row.rating))
-
-    # sha256 -> (format, width, height, bytes, captions in first-seen order)
-    images: dict[str, tuple[str, int | None, int | None, bytes, dict[str, None]]] = {}
-    for inference_id, items in by_analysis.items():
-        with engine.connect() as conn:
-            log = conn.execute(select(inference_log).where(inference_log.c.id == inference_id)).first()
-        if log is None:
-            continue
-        logged = _logged_caption(log.outputs)
-        accepted: list[tuple[str, str]] = []  # (caption, "corrected" | "confirmed")
-        for caption, rating in items:
-            if caption:
-                accepted.append((caption, "corrected"))
-            elif rating is not None and rating < min_rating:
-                report.skip("rating_below_min")
-            elif logged is None:
-                report.skip("no_logged_caption")
-            else:
-                accepted.append((logged, "confirmed"))
-        if not accepted:
-            continue
-        if log.image is None or (log.format or "") not in _EXTENSIONS:
-            report.skip("image_not_retained", len(accepted))
-            continue
-        data = bytes(log.image)
-        sha = hashlib.sha256(data).hexdigest()
-        entry = images.setdefault(sha, (log.format, log.width, log.height, data, {}))
-        for caption, kind in accepted:
-            if caption in entry[4]:
-                continue  # the same caption twice for one image teaches nothing more
-            entry[4][caption] = None
-            report.captions += 1
-            if kind == "corrected":
-                report.corrected += 1
-            else:
-                report.confirmed += 1
-
-    image_dir, annotation_dir = out / "images", out / "annotations"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    annotation_dir.mkdir(parents=True, exist_ok=True)
-    coco_images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    for image_id, sha in enumerate(sorted(images), start=1):
-        fmt, width, height, data, captions = images[sha]
-        file_name = f"{sha}.{_EXTENSIONS[fmt]}"
-        target = image_dir / file_name
-        if not target.is_file() or target.stat().st_size != len(data):
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        image: dict[str, Any] = {"id": image_id, "file_name": file_name}
-        if width and height:
-            image.update(width=width, height=height)
-        coco_images.append(image)
-        for caption in captions:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
-    keep = {img["file_name"] for img in coco_images}
-    for stale in image_dir.iterdir():
-        if _EXPORTED_NAME.match(stale.name) and stale.name not in keep:
-            stale.unlink()
-    document = {
-        "info": {"description": "Snap2Caption user feedback", "min_rating": min_rating},
-        "licenses": [],
-        "images": coco_images,
-        "annotations": annotations,
-    }
-    path = annotation_dir / "captions.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, indent=1, ensure_ascii=False))
-    tmp.replace(path)
-    report.images = len(coco_images)
-    return report
-
-
-_EXPORTED_NAME = re.compile(r"^[0-9a-f]{64}\.(" + "|".join(sorted(set(_EXTENSIONS.values()))) + r")$")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from snap2caption.api import FEATURES
-from snap2caption.service.metrics import LATENCY_BUCKETS
+from snap2caption.http.metrics import LATENCY_BUCKETS
 
 BACKEND_REQUESTS = Counter(
     "snap2caption_gateway_backend_requests",

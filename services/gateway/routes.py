@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -25,14 +24,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from services.gateway.config import Settings
-from services.gateway.engine import AnalyzeOptions, Gateway, NormalisedImage, within_deadline
+from services.gateway.engine import Gateway, within_deadline
+from services.gateway.images import NormalisedImage
 from services.gateway.inference_log import InferenceRecord, new_inference_id
-from services.gateway.schemas import AnalyzeBatchUrlRequest, AnalyzeUrlRequest
-from services.gateway.schemas import AnalyzeOptions as OptionsBody
-from snap2caption.api import FEATURES, AnalyzeBatchResponse, AnalyzeResult, BatchItem, Feature, ItemError
+from services.gateway.schemas import AnalyzeBatchUrlRequest, AnalyzeOptions, AnalyzeUrlRequest
+from snap2caption.api import FEATURES, AnalyzeBatchResponse, AnalyzeResult, BatchItem, ItemError
 from snap2caption.errors import (
     BadRequest,
     Overloaded,
@@ -41,9 +39,11 @@ from snap2caption.errors import (
     UnsupportedFormat,
     UrlFetchFailed,
 )
+from snap2caption.http import error_responses
+from snap2caption.http.errors import validation_message
+from snap2caption.http.uploads import is_multipart, read_form_files
 from snap2caption.logs import request_id_var
 from snap2caption.net.fetch import FetchPolicy, fetch_url
-from snap2caption.service import error_responses
 from snap2caption.serving.inputs import request_deadline, to_ms
 from snap2caption.serving.schemas import TimeoutMs
 
@@ -146,14 +146,23 @@ def query_options(
     max_tags: MaxTagsQuery = None,
     min_confidence: MinConfidenceQuery = None,
     gender_neutral: GenderNeutralQuery = None,
-) -> OptionsBody:
-    """The options in the query string (how uploads carry them; a JSON body's own fields win)."""
-    return OptionsBody(
-        features=features, max_tags=max_tags, min_confidence=min_confidence, gender_neutral=gender_neutral
+) -> AnalyzeOptions:
+    """The options in the query string (how uploads carry them; a JSON body's own fields win).
+
+    Raises:
+        BadRequest: An unknown or empty feature list.
+    """
+    return AnalyzeOptions.model_validate(
+        {
+            "features": features,
+            "max_tags": max_tags,
+            "min_confidence": min_confidence,
+            "gender_neutral": gender_neutral,
+        }
     )
 
 
-QueryOptionsDep = Annotated[OptionsBody, Depends(query_options)]
+QueryOptionsDep = Annotated[AnalyzeOptions, Depends(query_options)]
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -168,44 +177,13 @@ class Source:
     url: str | None = None
 
 
-def parse_features(value: Sequence[str] | str | None) -> frozenset[Feature]:
-    """``"caption, tags"`` or ``["caption", "tags"]`` -> the feature set; ``None`` -> all.
-
-    Raises:
-        BadRequest: An unknown or empty feature list.
-    """
-    if value is None:
-        return frozenset(FEATURES)
-    names = value.split(",") if isinstance(value, str) else list(value)
-    cleaned = [n.strip().lower() for n in names if n.strip()]
-    unknown = sorted(set(cleaned) - set(FEATURES))
-    if unknown:
-        raise BadRequest(f"unknown feature(s) {', '.join(unknown)}; choose from {', '.join(FEATURES)}")
-    if not cleaned:
-        raise BadRequest(f"features is empty; choose from {', '.join(FEATURES)}")
-    return frozenset(f for f in FEATURES if f in cleaned)
-
-
-def resolve_options(settings: Settings, query: OptionsBody, body: OptionsBody | None) -> AnalyzeOptions:
-    """Merge query and JSON-body options (the body's set fields win) over the settings' defaults."""
-    merged = query.model_copy(update=body.model_dump(exclude_unset=True) if body else {})
-    return AnalyzeOptions(
-        features=parse_features(merged.features),
-        max_tags=merged.max_tags or settings.default_max_tags,
-        min_confidence=merged.min_confidence,
-        gender_neutral=bool(merged.gender_neutral),
+def merge_options(query: AnalyzeOptions, body: AnalyzeOptions | None) -> AnalyzeOptions:
+    """The query's options with a JSON body's own (the option fields it sets) over them."""
+    if body is None:
+        return query
+    return query.model_copy(
+        update=body.model_dump(include=set(AnalyzeOptions.model_fields), exclude_unset=True)
     )
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        if err["type"] == "json_invalid":
-            parts.append(f"malformed JSON body: {err.get('ctx', {}).get('error', 'invalid JSON')}")
-        else:
-            loc = ".".join(str(p) for p in err["loc"]) or "body"
-            parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts) or "invalid JSON body"
 
 
 def _is_json(content_type: str) -> bool:
@@ -220,28 +198,15 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise BadRequest(_validation_message(exc)) from None
+        raise BadRequest(validation_message(exc)) from None
 
 
 async def _form_uploads(
     request: Request, fields: tuple[str, ...], max_files: int, max_bytes: int
 ) -> list[Source]:
-    """File fields named in ``fields``, in order, each read to at most ``max_bytes + 1`` bytes (the
-    decoder then refuses an oversized one with 413 without it being read whole)."""
-    sources: list[Source] = []
-    others: set[str] = set()
-    async with request.form(max_files=max_files, max_fields=max_files + 16) as form:
-        for key, value in form.multi_items():
-            if key not in fields:
-                others.add(key)
-                continue
-            if not isinstance(value, UploadFile):
-                raise BadRequest(f"form field {key!r} must be a file upload, not text")
-            sources.append(Source(data=await value.read(max_bytes + 1), filename=value.filename))
-    if not sources:
-        found = f"; found fields {sorted(others)}" if others else ""
-        raise BadRequest(f"no image: send a multipart file field named {fields[0]!r}{found}")
-    return sources
+    """The uploads in the file fields ``fields`` (an empty one is refused later, as its image's error)."""
+    uploads = await read_form_files(request, fields, max_files, max_bytes)
+    return [Source(data=data, filename=filename) for filename, data in uploads]
 
 
 # ------------------------------------------------------------------------------------------ one image
@@ -355,16 +320,15 @@ async def analyze(
     backend still working then is left out (``errors``: ``timeout``); nothing computed by then is 504.
     """
     settings: Settings = gateway.settings
-    options = resolve_options(settings, query, None)
+    options = query
     image: NormalisedImage | None = None
     source: Source | None = None
     try:
-        content_type = request.headers.get("content-type", "")
-        if _is_json(content_type):
+        if _is_json(request.headers.get("content-type", "")):
             body: AnalyzeUrlRequest = await _json_body(request, AnalyzeUrlRequest)
-            options = resolve_options(settings, query, body)
+            options = merge_options(query, body)
             source = Source(url=body.url)
-        elif content_type.lower().startswith("multipart/form-data"):
+        elif is_multipart(request):
             sources = await _form_uploads(request, ("file",), 1, settings.max_image_bytes)
             source = sources[0]
         else:
@@ -405,14 +369,13 @@ async def analyze_batch(
     """
     started = time.perf_counter()
     settings: Settings = gateway.settings
-    options = resolve_options(settings, query, None)
+    options = query
     cap = settings.max_batch_images
-    content_type = request.headers.get("content-type", "")
-    if _is_json(content_type):
+    if _is_json(request.headers.get("content-type", "")):
         body: AnalyzeBatchUrlRequest = await _json_body(request, AnalyzeBatchUrlRequest)
-        options = resolve_options(settings, query, body)
+        options = merge_options(query, body)
         sources = [Source(url=url) for url in body.urls]
-    elif content_type.lower().startswith("multipart/form-data"):
+    elif is_multipart(request):
         # One file past the cap is read so that "too many" is said plainly rather than by the parser.
         sources = await _form_uploads(request, ("files", "file"), cap + 1, settings.max_image_bytes)
     else:

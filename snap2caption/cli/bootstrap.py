@@ -138,7 +138,7 @@ def starter_steps(root: Path, data: Path, settings: BootstrapSettings) -> list[B
             (
                 *exe, "train", "caption", "--config", "starter", "--data", str(data),
                 "--out", str(root / "captioner"), "--features", features, "--no-progress", *caption_length,
-                "train.threads=1", "train.metrics_backend=python",
+                "train.threads=1", "train.metrics_scorer=python",
             ),
             1,
         ),

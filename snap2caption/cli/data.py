@@ -137,7 +137,7 @@ def feedback_export(database: str | None, out: str, min_rating: int) -> None:
     from pathlib import Path
 
     from services.gateway.db import default_database_url, make_engine
-    from services.gateway.feedback import export_feedback
+    from snap2caption.data.feedback_export import export_feedback
 
     engine = make_engine(database or default_database_url())
     try:

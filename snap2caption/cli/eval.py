@@ -21,7 +21,11 @@ def eval_group() -> None:
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="[runs/caption/eval-<split>]")
 @click.option("--max-images", default=0, show_default=True, type=click.IntRange(min=0), help="0 = all.")
 @click.option(
-    "--backend", default="auto", show_default=True, type=click.Choice(["auto", "pycocoevalcap", "python"])
+    "--scorer",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "pycocoevalcap", "python"]),
+    help="Metric scorers: pycocoevalcap (Java, METEOR), pure Python (no METEOR), or auto.",
 )
 @click.option(
     "--num-beams", default=0, show_default=True, type=click.IntRange(min=0), help="0 = the model's."
@@ -31,7 +35,7 @@ def eval_group() -> None:
     default="torch",
     show_default=True,
     type=click.Choice(["torch", "onnx", "onnx-int8"]),
-    help="Network runtime, as the captioner's backends (onnx-int8: the int8 decoder).",
+    help="Network runtime, as the captioner service's (onnx-int8: the int8 decoder).",
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Decoders.")
@@ -46,7 +50,7 @@ def caption(
     split: str,
     out: str | None,
     max_images: int,
-    backend: str,
+    scorer: str,
     num_beams: int,
     runtime: str,
     batch_size: int,
@@ -72,7 +76,7 @@ def caption(
             split,
             out_dir,
             max_images=max_images,
-            backend=cast(Literal["auto", "pycocoevalcap", "python"], backend),
+            scorer=cast(Literal["auto", "pycocoevalcap", "python"], scorer),
             num_beams=num_beams,
             batch_size=batch_size,
             num_workers=workers,
@@ -89,7 +93,7 @@ def caption(
         raise click.ClickException(str(exc)) from exc
     model = report["model"]
     which = f"{model['name']} v{model['version']}" if "version" in model else model["uri"]
-    click.echo(f"{which} on {split} ({len(result.predictions)} images, {result.backend} scorers):")
+    click.echo(f"{which} on {split} ({len(result.predictions)} images, {result.scorer} scorers):")
     for key, value in result.metrics.items():
         click.echo(f"  {key:16s} {value:.4f}")
     click.echo(f"  -> {out_dir}/metrics.json, {out_dir}/samples.json")
@@ -107,8 +111,8 @@ def caption(
     help="ETL output folder (manifests with boxes, images).",
 )
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
-@click.option("--int8", is_flag=True, help="Evaluate model.int8.onnx (ONNX backend).")
+@click.option("--runtime", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True)
+@click.option("--int8", is_flag=True, help="Evaluate model.int8.onnx (ONNX runtime).")
 @click.option("--limit", type=click.IntRange(min=0), default=0, help="First N images only (0 = all).")
 @click.option(
     "--threads",
@@ -123,7 +127,7 @@ def eval_detector_command(
     model_uri: str,
     data: Path,
     split: str,
-    backend: str,
+    runtime: str,
     int8: bool,
     limit: int,
     threads: int,
@@ -139,15 +143,19 @@ def eval_detector_command(
 
     import torch
 
-    from snap2caption.models.detector import Detector
-    from snap2caption.models.uri import resolve_model_dir
-    from training.detection.evaluate import evaluate_detector
+    from snap2caption.models import detector as detector_model
+    from training.detector.evaluate import evaluate_detector
 
     torch.set_num_threads(threads)
-    folder = resolve_model_dir(model_uri, tracking_uri=tracking_uri)
-    detector = Detector.load(folder, backend, int8=int8, threads=threads)  # type: ignore[arg-type]
-    label = f"{backend}{'-int8' if int8 else ''}"
-    result = evaluate_detector(detector, data, split, limit=limit, backend=label)
+    detector = detector_model.load(
+        model_uri,
+        runtime,  # type: ignore[arg-type]  # click checked it: onnx or torch
+        int8=int8,
+        threads=threads,
+        tracking_uri=tracking_uri,
+    )
+    label = f"{runtime}{'-int8' if int8 else ''}"
+    result = evaluate_detector(detector, data, split, limit=limit, runtime=label)
     click.echo(f"{model_uri} on {data} [{split}], {result.images} images, {result.instances} boxes, {label}")
     click.echo(f"mAP50-95 {result.map50_95:.4f}  mAP50 {result.map50:.4f}  ({result.computed_by})")
     for name, values in result.per_class.items():

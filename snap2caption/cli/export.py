@@ -57,7 +57,7 @@ def export_detector_command(
     """Export a detector: ONNX with dynamic batch and metadata (+ int8, + TensorRT engine where installed)."""
     from snap2caption.models.uri import resolve_model_dir
     from snap2caption.registry import snap2caption_home
-    from training.detection.export import export_detector
+    from training.detector.export import export_detector
 
     with _export_errors():
         folder = resolve_model_dir(model_uri, tracking_uri=tracking_uri)
@@ -98,7 +98,8 @@ def export_tagger_command(
     """Package the ImageNet tagger: safetensors + ONNX (+ int8, + TensorRT), model card, test_top1."""
     import torch
 
-    from snap2caption.models.tagger import Tagger
+    from snap2caption.models.tagger.artifact import load_net
+    from snap2caption.models.tagger.net import TaggerNet
     from snap2caption.models.uri import resolve_model_dir
     from snap2caption.registry import snap2caption_home
     from training.tagger.package import package_tagger, register_tagger
@@ -106,11 +107,11 @@ def export_tagger_command(
     torch.set_num_threads(threads)
     with _export_errors():
         if model_uri is None:
-            tagger = Tagger.pretrained()
+            net = TaggerNet.pretrained()
         else:
-            tagger = Tagger.load(resolve_model_dir(model_uri, tracking_uri=tracking_uri))
+            net = load_net(resolve_model_dir(model_uri, tracking_uri=tracking_uri))
         target = out or snap2caption_home() / "exports" / "tagger"
-        folder, metrics = package_tagger(target, tagger, int8=int8, fmt=fmt, threads=threads)  # type: ignore[arg-type]
+        folder, metrics = package_tagger(target, net, int8=int8, fmt=fmt, threads=threads)  # type: ignore[arg-type]
         click.echo(f"tagger -> {folder}")
         click.echo("  " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if register:
@@ -140,9 +141,9 @@ def export_caption_command(int8: bool, model_uri: str, out: Path | None, trackin
     """
     import shutil
 
+    from snap2caption.models.caption.export import export_for_serving
     from snap2caption.models.uri import resolve_model_dir
     from snap2caption.registry import snap2caption_home
-    from training.caption.export import export_for_serving
 
     with _export_errors():
         folder = resolve_model_dir(model_uri, tracking_uri=tracking_uri)

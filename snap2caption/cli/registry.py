@@ -20,14 +20,15 @@ GATE_REFUSED_EXIT = 3
 
 @contextmanager
 def _clean_errors() -> Iterator[None]:
-    """Turn registry and MLflow errors into one ``Error: ...`` line instead of a traceback."""
+    """Turn registry, model-folder and MLflow errors into one ``Error: ...`` line instead of a traceback."""
     from mlflow.exceptions import MlflowException
 
+    from snap2caption.errors import ArtifactError
     from snap2caption.registry import RegistryError
 
     try:
         yield
-    except RegistryError as exc:
+    except (RegistryError, ArtifactError) as exc:
         raise click.ClickException(exc.message) from exc
     except MlflowException as exc:
         raise click.ClickException(f"MLflow: {exc.message}") from exc
@@ -179,13 +180,8 @@ def push(ctx: click.Context, names: tuple[str, ...], target_uri: str, alias: str
     """
     import tempfile
 
-    from snap2caption.registry import (
-        PRODUCTION,
-        REGISTRY_TAGS,
-        TAG_MANIFEST_SHA256,
-        ModelNotFoundError,
-        Registry,
-    )
+    from snap2caption.registry import PRODUCTION, ModelNotFoundError, Registry
+    from snap2caption.registry.versions import REGISTRY_TAGS, TAG_MANIFEST_SHA256
 
     def production_there(name: str) -> ModelVersionInfo | None:
         try:

@@ -18,7 +18,7 @@ def serve() -> None:
 def etl(host: str | None, port: int | None) -> None:
     """The ETL service: dataset build jobs over REST (settings from SNAP2CAPTION_ETL_*)."""
     from services.etl.config import Settings
-    from snap2caption.service import run
+    from snap2caption.http import run
 
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     run("services.etl.app:create_app", Settings(**overrides))
@@ -38,7 +38,7 @@ def etl(host: str | None, port: int | None) -> None:
 def captioner(host: str | None, port: int | None, workers: int | None) -> None:
     """The captioner: POST /v1/caption (settings from SNAP2CAPTION_CAPTIONER_*, model from the registry)."""
     from services.captioner.config import Settings
-    from snap2caption.service import run
+    from snap2caption.http import run
 
     overrides: dict[str, Any] = {
         k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None
@@ -59,7 +59,7 @@ def detector(host: str | None, port: int | None, workers: int | None) -> None:
     """The detector: POST /v1/detect and /v1/tags (settings from SNAP2CAPTION_DETECTOR_*, models from the
     registry)."""
     from services.detector.config import Settings
-    from snap2caption.service import run
+    from snap2caption.http import run
 
     overrides: dict[str, Any] = {
         k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None
@@ -74,7 +74,7 @@ def gateway(host: str | None, port: int | None) -> None:
     """The public API gateway: POST /v1/analyze and /v1/analyze/batch in front of the captioner and detector
     (settings from SNAP2CAPTION_GATEWAY_*)."""
     from services.gateway.config import Settings
-    from snap2caption.service import run
+    from snap2caption.http import run
 
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     run("services.gateway.app:create_app", Settings(**overrides))

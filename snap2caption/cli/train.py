@@ -1,14 +1,70 @@
-"""``snap2caption train ...``: Train models: the caption model, the detector."""
+"""``snap2caption train ...``: Train models: the caption model, the detector.
+
+Both trainers take the same run options (``--config``, ``--data``, ``--out``, ``--name``, ``--experiment``,
+``--register/--no-register``, ``--tracking-uri``): each sets the ``run`` key of its name over the preset's.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 if TYPE_CHECKING:
-    from training.caption.config import CaptionRunConfig
+    from snap2caption.config import Override
+
+F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C")
+
+
+def run_options(name: str, out: str) -> Callable[[F], F]:
+    """The options every trainer takes; each sets a key of the config's ``run`` section when given.
+
+    Args:
+        name: The trainer's registered model name, for the help text.
+        out: Where its run writes by default, for the help text.
+    """
+    options = [
+        click.option(
+            "--config", "config_name", default="starter", show_default=True, help="Preset or YAML path."
+        ),
+        click.option(
+            "--data", type=click.Path(file_okay=False), default=None, help="ETL output [data/processed]."
+        ),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help=f"Output folder [{out}]."),
+        click.option("--name", default=None, help=f"Registered model name [{name}]."),
+        click.option("--experiment", default=None, help="MLflow experiment [the model name]."),
+        click.option("--register/--no-register", default=None, help="Register as --name [yes]."),
+        click.option(
+            "--tracking-uri", default=None, help="MLflow URI [$MLFLOW_TRACKING_URI, else embedded SQLite]."
+        ),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def run_overrides(**options: Any) -> list[Override]:
+    """``("run.<option>", value)`` for every run option given on the command line."""
+    return [(f"run.{key}", value) for key, value in options.items() if value is not None]
+
+
+def load_or_usage_error(
+    load: Callable[[str, Sequence[Override]], C], config: str, overrides: Sequence[Override]
+) -> C:
+    """``load(config, overrides)``; a config problem is a usage error (exit 2), listing every problem."""
+    from snap2caption.config import ConfigError
+
+    try:
+        return load(config, overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 @click.group("train")
@@ -17,51 +73,24 @@ def train_group() -> None:
 
 
 @train_group.command("detector")
-@click.option(
-    "--config",
-    "config_name",
-    default="starter",
-    show_default=True,
-    help="Config name under training/configs/detector/ (tiny, starter) or a YAML path.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Artifact folder [default: $SNAP2CAPTION_HOME/models/detector/run-<UTC time>].",
-)
-@click.option("--register/--no-register", default=True, show_default=True, help="Register as `detector`.")
-@click.option("--promote", is_flag=True, help="Then promote to production if it passes the mAP50-95 gate.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: the project's].")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-def train_detector_command(
-    config_name: str,
-    out: Path | None,
-    register: bool,
-    promote: bool,
-    tracking_uri: str | None,
-    overrides: tuple[str, ...],
-) -> None:
+@run_options("detector", "$SNAP2CAPTION_HOME/models/detector/run-<UTC time>")
+@click.option(
+    "--promote", is_flag=True, default=None, help="Then promote to production if it passes the gate."
+)
+def train_detector_command(overrides: tuple[str, ...], config_name: str, **options: Any) -> None:
     """Train a YOLO detector (Ultralytics, offline, CPU) on the ETL output and register it as `detector`.
 
-    Overrides are config keys, e.g. `model=yolo11n.yaml imgsz=128 epochs=5 data=data/processed`.
+    Presets under training/configs/detector/ (tiny, starter). Overrides are config keys, with or without
+    their section, e.g. `model=yolo11n.yaml imgsz=128 epochs=5 data=data/processed`.
     Exit code 3: trained and registered, but --promote was refused by the gate.
     """
-    import datetime as dt
+    from training.detector.config import DetectorRunConfig
 
-    from snap2caption.config import ConfigError
-    from snap2caption.registry import snap2caption_home
-    from training.detection.config import load_config
-    from training.detection.train import train_detector
+    config = load_or_usage_error(DetectorRunConfig.load, config_name, [*overrides, *run_overrides(**options)])
+    from training.detector.train import train_detector  # after the config: a typo fails before torch loads
 
-    try:
-        config = load_config(config_name, overrides)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    if out is None:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = snap2caption_home() / "models" / "detector" / f"run-{stamp}"
-    result = train_detector(config, out, register=register, promote=promote, tracking_uri=tracking_uri)
+    result = train_detector(config)
     ev = result.evaluation
     click.echo(
         f"detector: {result.epochs}/{result.planned_epochs} epochs, training {result.train_seconds:.0f} s, "
@@ -70,7 +99,7 @@ def train_detector_command(
     )
     click.echo(f"artifact: {result.artifact_dir}  (MLflow run {result.run_id})")
     if result.version is not None:
-        click.echo(f"registered detector v{result.version} as candidate")
+        click.echo(f"registered {config.run.name} v{result.version} as candidate")
     if result.promotion is not None:
         click.echo(result.promotion.message)
         if not result.promotion.promoted and result.promotion.status != "unchanged":
@@ -80,21 +109,9 @@ def train_detector_command(
 # ------------------------------------------------------------------------------------------- caption
 
 
-def _caption_config(config: str, overrides: tuple[str, ...]) -> CaptionRunConfig:
-    from snap2caption.config import ConfigError
-    from training.caption.config import CaptionRunConfig
-
-    try:
-        return CaptionRunConfig.load(config, overrides)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-
-
 @train_group.command("caption")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--config", "config_name", default="starter", show_default=True, help="Preset or YAML path.")
-@click.option("--data", default="data/processed", show_default=True, type=click.Path(file_okay=False))
-@click.option("--out", default="runs/caption", show_default=True, type=click.Path(file_okay=False))
+@run_options("captioner", "runs/caption")
 @click.option(
     "--features", default=None, type=click.Path(file_okay=False), help="Feature cache [<out>/features]"
 )
@@ -105,59 +122,30 @@ def _caption_config(config: str, overrides: tuple[str, ...]) -> CaptionRunConfig
     help="[<out>/checkpoints] (a new run empties it)",
 )
 @click.option("--resume", default=None, help="A checkpoint folder, or 'latest' (under --checkpoints).")
-@click.option("--register/--no-register", default=True, show_default=True, help="Register as --name.")
-@click.option("--mlflow/--no-mlflow", default=True, show_default=True, help="Log the run to MLflow.")
-@click.option("--name", default="captioner", show_default=True, help="Registered model name.")
-@click.option("--experiment", default="captioner", show_default=True, help="MLflow experiment.")
-@click.option("--tracking-uri", default=None, help="MLflow URI [$MLFLOW_TRACKING_URI, else embedded SQLite].")
+@click.option(
+    "--mlflow/--no-mlflow", default=None, help="Log the run to MLflow [yes]; --no-mlflow registers nothing."
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal].")
 def caption(
-    overrides: tuple[str, ...],
-    config_name: str,
-    data: str,
-    out: str,
-    features: str | None,
-    checkpoints: str | None,
-    resume: str | None,
-    register: bool,
-    mlflow: bool,
-    name: str,
-    experiment: str,
-    tracking_uri: str | None,
-    progress: bool | None,
+    overrides: tuple[str, ...], config_name: str, mlflow: bool | None, progress: bool | None, **options: Any
 ) -> None:
     """Train the caption model, evaluate it on the test split, save and register it.
 
     KEY=VALUE overrides take dotted keys (train.lr=3e-4, model.decoder.n_layer=2; a bare key is looked up in
-    train, then model); unknown keys are refused with the nearest one suggested.
+    every section); unknown keys are refused with the nearest one suggested.
     """
     import time
 
     started = time.monotonic()
-    from training.caption.run import train_caption
+    from training.caption.config import CaptionRunConfig
 
-    config = _caption_config(config_name, overrides)
-    registry = None
-    if mlflow:
-        from snap2caption.registry import Registry
+    # --no-mlflow registers nothing either: the registry stores the files in the MLflow run.
+    tracking = {"mlflow": mlflow} | ({"register": False} if mlflow is False else {})
+    run = run_overrides(**(options | tracking))
+    config = load_or_usage_error(CaptionRunConfig.load, config_name, [*overrides, *run])
+    from training.caption.run import train_caption  # after the config: a typo fails before torch loads
 
-        registry = Registry(tracking_uri)
-    result = train_caption(
-        config,
-        data,
-        out,
-        features_dir=features,
-        checkpoints_dir=checkpoints,
-        resume=resume,
-        registry=registry,
-        register=register and mlflow,
-        mlflow=mlflow,
-        model_name=name,
-        experiment=experiment,
-        preset=Path(config_name).stem,
-        progress=progress,
-        started=started,
-    )
+    result = train_caption(config, progress=progress, started=started)
     s = result.summary
     click.echo(f"caption: {s['steps']} steps ({s['epochs']} epochs), stopped: {s['stop_reason']}")
     if s["val"]["cider_d_best"] is not None:
@@ -166,7 +154,7 @@ def caption(
         m = result.test.metrics
         scores = " ".join(f"{k}={m[k]:.4f}" for k in ("cider_d", "bleu_4", "meteor", "rouge_l") if k in m)
         pairs = f"pair_precision={m['pair_precision']:.3f} pair_recall={m['pair_recall']:.3f}"
-        click.echo(f"  test ({len(result.test.predictions)} images, {result.test.backend}): {scores} {pairs}")
+        click.echo(f"  test ({len(result.test.predictions)} images, {result.test.scorer}): {scores} {pairs}")
     click.echo("  timings: " + " ".join(f"{k}={v:.1f}" for k, v in result.timings.items()))
     click.echo(f"  artifact: {result.artifact_dir}")
     if result.registered is not None:
@@ -176,12 +164,17 @@ def caption(
 @train_group.command("caption-features")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--config", "config_name", default="starter", show_default=True, help="Preset or YAML path.")
-@click.option("--data", default="data/processed", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(file_okay=False), default=None, help="ETL output [data/processed].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
 @click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal].")
 def caption_features(
-    overrides: tuple[str, ...], config_name: str, data: str, out: str, splits: str, progress: bool | None
+    overrides: tuple[str, ...],
+    config_name: str,
+    data: str | None,
+    out: str,
+    splits: str,
+    progress: bool | None,
 ) -> None:
     """Cache the frozen encoder's features of each split (what `train caption --features` reads).
 
@@ -191,11 +184,12 @@ def caption_features(
     import torch
 
     from snap2caption.models.backbones import build_encoder
+    from training.caption.config import CaptionRunConfig
     from training.caption.data import SplitData
     from training.caption.features import cached_features
     from training.caption.train import auto_threads, resolve_device
 
-    config = _caption_config(config_name, overrides)
+    config = load_or_usage_error(CaptionRunConfig.load, config_name, [*overrides, *run_overrides(data=data)])
     enc, cfg = config.model.encoder, config.train
     if enc.trainable != "none":
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -208,7 +202,7 @@ def caption_features(
     for split in (s.strip() for s in splits.split(",") if s.strip()):
         features = cached_features(
             encoder,
-            SplitData.load(data, split),
+            SplitData.load(config.run.data, split),
             out,
             dtype=cfg.feature_dtype,
             batch_size=cfg.feature_batch_size,

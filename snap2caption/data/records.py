@@ -1,16 +1,38 @@
 """The in-memory form every source format is read into before the ETL normalises it.
 
 Readers (``snap2caption.data.formats``) turn COCO, Karpathy and Flickr30K files into a
-``SourceDataset``; the ETL (``snap2caption.data.etl``) never looks at a source format again.
+``SourceDataset``; the ETL (``snap2caption.data.etl``) never looks at a source format again. The
+writers beside the readers do the reverse, for test fixtures and the synthetic benchmark.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+def default_split(image_id: str) -> Split:
+    """A deterministic ~80/10/10 train/val/test split from the image id alone.
+
+    Hashing the id (rather than shuffling the list) keeps an image in the same split when images are
+    added or removed, so evaluation sets stay comparable across dataset versions.
+
+    Args:
+        image_id: The record's id.
+
+    Returns:
+        ``"train"`` for 8 buckets out of 10, ``"val"`` and ``"test"`` for one each.
+    """
+    bucket = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") % 10
+    if bucket == 8:
+        return "val"
+    if bucket == 9:
+        return "test"
+    return "train"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Caption evaluation metrics: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D, as coco-caption computes them.
 
 ``evaluate_captions`` is the entry point; see :mod:`snap2caption.metrics.caption` for the two
-backends (pycocoevalcap on Java, or pure Python without METEOR). SPICE is not computed: it needs
+scorers (pycocoevalcap on Java, or pure Python without METEOR). SPICE is not computed: it needs
 a Stanford CoreNLP download that offline machines cannot make.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from snap2caption.metrics.caption import (
     METRICS,
     PYTHON_METRICS,
-    Backend,
     CaptionScores,
+    Scorer,
     evaluate_captions,
     pycocoevalcap_usable,
 )
@@ -22,11 +22,11 @@ from snap2caption.metrics.tokenizer import tokenize_caption
 __all__ = [
     "METRICS",
     "PYTHON_METRICS",
-    "Backend",
     "CaptionScores",
     "JavaUnavailable",
     "MeteorError",
     "MeteorScorer",
+    "Scorer",
     "evaluate_captions",
     "pycocoevalcap_usable",
     "tokenize_caption",

@@ -1,6 +1,6 @@
 """Caption metrics for evaluation runs: ``evaluate_captions`` is the one entry point.
 
-Two backends compute the coco-caption numbers that captioning papers report:
+Two scorers compute the coco-caption numbers that captioning papers report:
 
 * ``"pycocoevalcap"``: the reference implementation. Captions are tokenized by its Stanford
   PTBTokenizer jar, scored by its Bleu/Rouge/Cider classes, and METEOR 1.5 runs in its jar. Needs
@@ -31,7 +31,7 @@ from snap2caption.metrics.tokenizer import tokenize_caption
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["pycocoevalcap", "python", "auto"]
+Scorer = Literal["pycocoevalcap", "python", "auto"]
 
 METRICS: tuple[str, ...] = (*BLEU_KEYS, "METEOR", "ROUGE-L", "CIDEr-D")
 PYTHON_METRICS: tuple[str, ...] = tuple(name for name in METRICS if name != "METEOR")
@@ -43,21 +43,21 @@ class CaptionScores(dict[str, float]):
     A plain ``dict[str, float]`` to callers that only want the scores (e.g. ``mlflow.log_metrics``).
 
     Attributes:
-        backend: ``"pycocoevalcap"`` or ``"python"``, whichever computed the scores.
+        scorer: ``"pycocoevalcap"`` or ``"python"``, whichever computed the scores.
         cider_per_image: Image id -> CIDEr-D of that image (empty unless CIDEr-D was computed), for
             picking best and worst samples to show.
     """
 
     def __init__(
-        self, scores: Mapping[str, float], backend: str, cider_per_image: Mapping[str, float]
+        self, scores: Mapping[str, float], scorer: str, cider_per_image: Mapping[str, float]
     ) -> None:
         super().__init__(scores)
-        self.backend = backend
+        self.scorer = scorer
         self.cider_per_image = dict(cider_per_image)
 
 
 def pycocoevalcap_usable() -> bool:
-    """Whether the pycocoevalcap backend can run here (package importable and ``java`` works)."""
+    """Whether the pycocoevalcap scorer can run here (package importable and ``java`` works)."""
     return pycocoevalcap_installed() and java_available()
 
 
@@ -88,27 +88,27 @@ def _check_metrics(metrics: Sequence[str] | None) -> None:
             raise ValueError(f"unknown metric {name!r}{hint} (known: {', '.join(METRICS)})")
 
 
-def _resolve_backend(backend: Backend, metrics: Sequence[str] | None) -> Literal["pycocoevalcap", "python"]:
-    if backend not in ("pycocoevalcap", "python", "auto"):
-        raise ValueError(f"unknown backend {backend!r} (pycocoevalcap, python or auto)")
+def _resolve_scorer(scorer: Scorer, metrics: Sequence[str] | None) -> Literal["pycocoevalcap", "python"]:
+    if scorer not in ("pycocoevalcap", "python", "auto"):
+        raise ValueError(f"unknown scorer {scorer!r} (pycocoevalcap, python or auto)")
     wants_meteor = metrics is not None and "METEOR" in metrics
-    if backend == "python":
+    if scorer == "python":
         if wants_meteor:
-            raise ValueError("METEOR needs the pycocoevalcap backend (it runs METEOR 1.5 on Java)")
+            raise ValueError("METEOR needs the pycocoevalcap scorer (it runs METEOR 1.5 on Java)")
         return "python"
     if pycocoevalcap_usable():
         return "pycocoevalcap"
-    if backend == "pycocoevalcap" or wants_meteor:
+    if scorer == "pycocoevalcap" or wants_meteor:
         reason = "pycocoevalcap is not installed" if not pycocoevalcap_installed() else "no working `java`"
-        raise JavaUnavailable(f"the pycocoevalcap backend cannot run: {reason}")
-    logger.warning("pycocoevalcap backend unavailable, using the pure-Python metrics (no METEOR)")
+        raise JavaUnavailable(f"the pycocoevalcap scorer cannot run: {reason}")
+    logger.warning("pycocoevalcap scorer unavailable, using the pure-Python metrics (no METEOR)")
     return "python"
 
 
 def evaluate_captions(
     references: Mapping[str, Sequence[str]],
     predictions: Mapping[str, str],
-    backend: Backend = "auto",
+    scorer: Scorer = "auto",
     metrics: Sequence[str] | None = None,
     *,
     meteor: MeteorScorer | None = None,
@@ -119,26 +119,26 @@ def evaluate_captions(
         references: Image id -> raw reference captions (COCO has 5 per image).
         predictions: Image id -> raw predicted caption; exactly the ids of ``references``. An empty
             prediction is allowed and scores 0.
-        backend: ``"pycocoevalcap"`` (Java), ``"python"`` (no Java, no METEOR) or ``"auto"``.
+        scorer: ``"pycocoevalcap"`` (Java), ``"python"`` (no Java, no METEOR) or ``"auto"``.
         metrics: Subset of ``BLEU-1..BLEU-4, METEOR, ROUGE-L, CIDEr-D``; ``None`` means every
-            metric the chosen backend computes. Asking for METEOR makes ``"auto"`` insist on
+            metric the chosen scorer computes. Asking for METEOR makes ``"auto"`` insist on
             pycocoevalcap.
         meteor: A long-lived :class:`MeteorScorer` to reuse across calls; without one, METEOR
             starts a JVM (~10 s) for this call and stops it before returning.
 
     Returns:
-        Scores keyed by metric name, with ``.backend`` and ``.cider_per_image``. CIDEr-D's idf
+        Scores keyed by metric name, with ``.scorer`` and ``.cider_per_image``. CIDEr-D's idf
         comes from this call's references, so evaluate a split in one call.
 
     Raises:
-        ValueError: Mismatched ids, an image without references, an unknown metric or backend,
-            or METEOR asked of the python backend.
+        ValueError: Mismatched ids, an image without references, an unknown metric or scorer,
+            or METEOR asked of the python scorer.
         JavaUnavailable: pycocoevalcap was required (explicitly, or for METEOR) but cannot run.
         MeteorError: The METEOR process failed or stopped answering.
     """
     _check_inputs(references, predictions)
     _check_metrics(metrics)
-    chosen = _resolve_backend(backend, metrics)
+    chosen = _resolve_scorer(scorer, metrics)
     available = METRICS if chosen == "pycocoevalcap" else PYTHON_METRICS
     names = tuple(name for name in available if metrics is None or name in metrics)
 
@@ -157,7 +157,7 @@ def evaluate_captions(
     else:
         scores, cider_per_image = _score_with_python(tokenized_refs, tokenized_preds, names)
     logger.info(
-        "caption metrics backend=%s images=%d %s",
+        "caption metrics scorer=%s images=%d %s",
         chosen,
         len(references),
         " ".join(f"{name}={scores[name]:.4f}" for name in names),

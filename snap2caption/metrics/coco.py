@@ -1,4 +1,4 @@
-"""The reference backend: pycocoevalcap's own scorers on PTB-jar tokens, plus METEOR.
+"""The reference scorer: pycocoevalcap's own scorers on PTB-jar tokens, plus METEOR.
 
 SPICE is left out: it needs Stanford CoreNLP 3.6.0 (~400 MB), which pycocoevalcap downloads on
 first use, and this project's machines are offline.

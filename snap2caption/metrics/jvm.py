@@ -28,7 +28,7 @@ _PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 
 
 class JavaUnavailable(RuntimeError):
-    """pycocoevalcap or a working ``java`` is missing, so the reference backend cannot run."""
+    """pycocoevalcap or a working ``java`` is missing, so the reference scorer cannot run."""
 
 
 @functools.cache

@@ -5,6 +5,8 @@
   thread, never on the event loop.
 - :mod:`~snap2caption.serving.model_store`: the model an alias names (``models:/captioner@production``),
   downloaded and verified through the registry, warmed up, and hot-swapped when the alias moves.
+- :mod:`~snap2caption.serving.lane`: one served model, its store and its batcher together; a batch runs
+  whole on one model, and inputs prepared for a model swapped out since are prepared again.
 - :mod:`~snap2caption.serving.threads`: torch's thread pools (one intra-op thread by default).
 - :mod:`~snap2caption.serving.inputs`: the image uploads every model route takes (raw body or multipart
   ``file``/``files``), decoding off the event loop, request deadlines.

@@ -13,7 +13,7 @@ from typing import Protocol
 from fastapi import APIRouter, FastAPI
 
 from snap2caption import __version__
-from snap2caption.service import Readiness, create_app
+from snap2caption.http import Readiness, create_app
 from snap2caption.serving.settings import ModelServiceSettings
 from snap2caption.serving.threads import configure_torch_threads
 

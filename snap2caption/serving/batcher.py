@@ -40,7 +40,7 @@ from typing import Generic, TypeVar, cast
 from prometheus_client import Counter, Gauge, Histogram
 
 from snap2caption.errors import NotReady, Overloaded, Timeout
-from snap2caption.service.metrics import LATENCY_BUCKETS
+from snap2caption.http.metrics import LATENCY_BUCKETS
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,13 @@ from typing import Any, TypeVar
 from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 from fastapi import Request
-from starlette.datastructures import UploadFile
 
 from snap2caption.errors import BadRequest, ImageError
+from snap2caption.http.uploads import Upload, is_multipart, read_form_files
 
 T = TypeVar("T")
 
 FILE_FIELDS = ("file", "files")
-
-Upload = tuple[str | None, bytes]
-"""``(filename, bytes)`` of one uploaded image; the filename is ``None`` for a raw body."""
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_REQUEST_BODY: dict[str, Any] = {
@@ -68,28 +65,15 @@ async def read_images(request: Request, max_images: int, max_bytes: int) -> list
     Raises:
         BadRequest: An empty body, no file field, a file field that is not a file, too many images.
     """
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
+    if not is_multipart(request):
         body = await request.body()
         if not body:
             raise BadRequest("empty body: send the image bytes, or multipart/form-data with a 'file' field")
         return [(None, body)]
-    images: list[Upload] = []
-    async with request.form(max_files=max_images, max_fields=max_images + 16) as form:
-        others: list[str] = []
-        for key, value in form.multi_items():
-            if key not in FILE_FIELDS:
-                others.append(key)
-                continue
-            if not isinstance(value, UploadFile):
-                raise BadRequest(f"form field {key!r} must be a file upload, not text")
-            data = await value.read(max_bytes + 1)
-            if not data:
-                raise BadRequest(f"image {len(images)} ({value.filename or 'unnamed'}) is empty")
-            images.append((value.filename, data))
-    if not images:
-        found = f"; found fields {sorted(set(others))}" if others else ""
-        raise BadRequest(f"no image: send multipart file fields named 'file' or 'files'{found}")
+    images = await read_form_files(request, FILE_FIELDS, max_images, max_bytes)
+    for index, (filename, data) in enumerate(images):
+        if not data:
+            raise BadRequest(f"image {index} ({filename or 'unnamed'}) is empty")
     if len(images) > max_images:
         raise BadRequest(f"at most {max_images} images per request, got {len(images)}")
     return images

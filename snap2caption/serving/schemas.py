@@ -23,6 +23,7 @@ class ModelRef(BaseModel):
     name: str = Field(description="Registered model name.")
     version: int = Field(description="Registry version.")
     alias: str = Field(description="The alias the service follows (e.g. `production`).")
+    # The runtime, under the wire name clients (the gateway, its answers' ``models``) have always read.
     backend: str = Field(description="Inference runtime (`torch`, `onnx`).")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from snap2caption.service import ServiceSettings
+from snap2caption.http import ServiceSettings
 
 
 class ModelServiceSettings(ServiceSettings):

@@ -31,7 +31,7 @@ def configure_torch_threads(intra_op: int, inter_op: int = 1) -> None:
     if intra_op < 1 or inter_op < 1:
         raise ValueError(f"thread counts must be >= 1, got intra_op={intra_op}, inter_op={inter_op}")
     if "torch" not in sys.modules:
-        # Nothing here runs torch yet (the ONNX backends never do): importing it only to size its pools
+        # Nothing here runs torch yet (the ONNX runtimes never do): importing it only to size its pools
         # would cost ~480 MB of memory. Should it be imported later, its pools start from this variable.
         os.environ["OMP_NUM_THREADS"] = str(intra_op)
         logger.info("torch not loaded; OMP_NUM_THREADS=%d for it if it ever is", intra_op)

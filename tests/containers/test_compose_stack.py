@@ -124,13 +124,13 @@ def build_models(workdir: Path, template_db: Path) -> HostModels:
     import torch
 
     from snap2caption.imaging import decode_image
-    from snap2caption.models.artifact import save_caption_model
+    from snap2caption.models.caption.artifact import save_caption_model
+    from snap2caption.models.caption.export import export_for_serving
     from snap2caption.registry import Registry
     from tests.gateway_stack import CAPTIONS
     from tests.helpers import torch_threads
     from tests.services.captioner.conftest import IMAGE_MAX_SIDE, train_tiny
     from tests.services.detector.conftest import random_detector, tiny_tagger
-    from training.caption.export import export_for_serving
 
     shutil.copyfile(template_db, workdir / "mlflow.db")
     registry = Registry(f"sqlite:///{workdir / 'mlflow.db'}")

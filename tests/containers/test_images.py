@@ -76,8 +76,8 @@ def test_serving_code_paths_import_without_torch() -> None:
             "snap2caption.cli", "snap2caption.cli.serve", "snap2caption.cli.registry",
             "services.gateway.app", "services.captioner.app", "services.detector.app", "services.etl.app",
             "services.captioner.engine", "services.detector.engine", "snap2caption.data.etl",
-            "snap2caption.models.caption_ort", "snap2caption.models.detector",
-            "snap2caption.models.tagger_onnx",
+            "snap2caption.models.caption", "snap2caption.models.caption.ort",
+            "snap2caption.models.detector", "snap2caption.models.tagger",
         ]:
             importlib.import_module(module)
         for app in ("gateway", "captioner", "detector", "etl"):
@@ -133,7 +133,7 @@ def test_serving_services_probe_their_own_port() -> None:
         port = service["command"][service["command"].index("--port") + 1]
         assert service["environment"]["SNAP2CAPTION_HEALTHCHECK_URL"] == f"http://127.0.0.1:{port}/healthz"
         assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
-    assert SERVICES["captioner"]["environment"]["SNAP2CAPTION_CAPTIONER_BACKEND"] == "onnx"
+    assert SERVICES["captioner"]["environment"]["SNAP2CAPTION_CAPTIONER_RUNTIME"] == "onnx"
 
 
 @pytest.mark.parametrize("target", ["serving", "training", "mlflow", "postgres", "prometheus"])

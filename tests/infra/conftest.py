@@ -58,10 +58,11 @@ def _noise(width: int, height: int, seed: int) -> bytes:
 def _register_models(workdir: Path, template_db: Path) -> str:
     """The tiny captioner, detector (with a drift reference) and tagger, registered and promoted."""
     from snap2caption.imaging import decode_image
-    from snap2caption.models.artifact import save_caption_model
-    from snap2caption.monitoring.drift import build_reference, write_reference
+    from snap2caption.manifest import write_manifest
+    from snap2caption.models.caption.artifact import save_caption_model
+    from snap2caption.monitoring.reference import build_reference, write_reference
     from snap2caption.monitoring.stats import decoded_stats
-    from snap2caption.registry import Registry, write_manifest
+    from snap2caption.registry import Registry
     from tests.helpers import torch_threads
     from tests.services.captioner.conftest import CAPTIONS, IMAGE_MAX_SIDE, train_tiny
     from tests.services.detector.conftest import random_detector, tiny_tagger

@@ -1,7 +1,7 @@
 """With several uvicorn workers, one scrape of /metrics counts the requests of all of them.
 
 The monitored stack's gateway runs two uvicorn workers behind one socket. prometheus-client's multiprocess
-mode (``snap2caption.service.run`` sets it up) keeps each worker's values in files under
+mode (``snap2caption.http.run`` sets it up) keeps each worker's values in files under
 ``PROMETHEUS_MULTIPROC_DIR``, one set per pid, and ``/metrics``, answered by either worker, sums them. The
 test reads those files to see that both workers served the requests it sends, then checks that every
 scrape's totals grew by exactly what was sent. The requests are text bodies the real ``/v1/analyze``

@@ -1,13 +1,13 @@
 """The production serving path end to end: trained models, `make up`'s runtimes, a hot swap under load.
 
 Every other service test serves an artifact built in the test process (no ONNX export, so the captioner's
-``auto`` backend picks PyTorch). Here the models come out of the real training commands, as
+``auto`` runtime picks PyTorch). Here the models come out of the real training commands, as
 ``snap2caption bootstrap`` makes them: ``train caption --config tiny`` (which exports to ONNX) and
 ``train detector --config tiny --promote``, in subprocesses, into an MLflow SQLite registry laid out as
 `make up` lays it out (``$SNAP2CAPTION_HOME/mlflow``). The tagger is the tiny test tagger packaged as the
 real one is (``package_tagger``: safetensors + ONNX): packaging the real ImageNet tagger takes a minute
 and is not what this file tests. Captioner, detector and gateway run as `make up` runs them: default settings
-(``auto`` backends, one thread per model service), except a half-second alias poll instead of 30 s.
+(``auto`` runtimes, one thread per model service), except a half-second alias poll instead of 30 s.
 
 What must hold: ``auto`` serves ONNX Runtime for all three models, the caption a client gets is the ONNX
 model's own answer for the image the gateway sends, and a promotion of a new captioner version, then of a
@@ -187,10 +187,11 @@ def served(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_auto_serves_onnx_runtime_and_the_answer_is_the_onnx_models(served: Served) -> None:
-    from services.captioner.engine import load_backend, prepare_image
+    from services.captioner.engine import input_spec, prepare_image
     from services.gateway.config import Settings as GatewaySettings
-    from services.gateway.engine import normalise_image
+    from services.gateway.images import normalise_image
     from snap2caption.imaging import DEFAULT_LIMITS, DecodeLimits
+    from snap2caption.models import caption
 
     captioner = served.ready(served.captioner)
     assert (captioner["backend"], captioner["runtime"]) == ("auto", "onnx")
@@ -219,9 +220,9 @@ def test_auto_serves_onnx_runtime_and_the_answer_is_the_onnx_models(served: Serv
     settings = GatewaySettings()
     limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     sent = normalise_image(data, limits, settings.backend_max_side, settings.backend_image_format)
-    backend = load_backend("onnx", served.trained.caption_artifact, image_max_side=None, threads=1)
-    pixels = prepare_image(sent.data, backend.spec, DEFAULT_LIMITS)[None]  # (1, 3, H, W)
-    [expected] = backend.caption(pixels, backend.defaults)
+    captioner = caption.load(served.trained.caption_artifact, "onnx")
+    pixels = prepare_image(sent.data, input_spec(captioner, None), DEFAULT_LIMITS)[None]  # (1, 3, H, W)
+    [expected] = captioner.generate(pixels)
     assert body["caption"]["text"] == expected.text
 
 

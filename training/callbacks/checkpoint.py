@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor
 
-from snap2caption.models.tokenizer import CaptionTokenizer
+from snap2caption.models.caption.tokenizer import CaptionTokenizer
 from training.callbacks.base import Callback
 
 logger = logging.getLogger(__name__)

@@ -166,7 +166,7 @@ class MlflowCallback(Callback):
     def on_test_end(self, trainer: Any, result: Any) -> None:
         self.log_metrics(result.metrics, trainer.state.step, f"{result.split}_")
         self.log_json(result.samples, f"samples/{result.split}.json")
-        self.set_tags({"metrics_backend": result.backend})
+        self.set_tags({"metrics_scorer": result.scorer})
 
     def on_model_saved(self, trainer: Any, artifact_dir: Path) -> None:
         # The registry uploads the whole folder when it registers; here only the small, readable files.

@@ -1,35 +1,22 @@
-"""Typed config of a caption training run: the model (``model:``) and how to train it (``train:``).
+"""Typed config of a caption training run: where (``run:``), the model (``model:``), how to train it
+(``train:``).
 
-One YAML per preset under ``training/configs/caption/`` (``tiny``, ``starter``, ``paper``) holds both
-sections. ``key=value`` overrides take dotted keys, with or without the section (``train.lr=3e-4``,
-``lr=3e-4``, ``model.decoder.n_layer=2``, ``decoder.n_layer=2``); a bare key is looked up in ``train:``
-first, then in ``model:``. Unknown keys are refused with the nearest valid key suggested.
+One YAML per preset under ``training/configs/caption/`` (``tiny``, ``starter``, ``paper``) holds the sections,
+loaded by the one loader (:func:`snap2caption.config.load_config`). ``key=value`` overrides take dotted keys,
+with or without the section (``train.lr=3e-4``, ``lr=3e-4``, ``model.decoder.n_layer=2``,
+``decoder.n_layer=2``, ``run.out=runs/big``); unknown keys are refused with the nearest valid key suggested.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import json
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from snap2caption.config import (
-    ConfigError,
-    dotted_keys,
-    from_dict,
-    load_yaml_section,
-    parse_override,
-    set_dotted,
-    unknown_key_message,
-)
-from snap2caption.models.caption import CaptionConfig
-
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "caption"
+from snap2caption.config import ConfigError, from_dict
+from snap2caption.models.caption.config import CaptionConfig
+from training.config import RunConfig, TrainingConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -81,7 +68,7 @@ class TrainConfig:
         eval_max_images: Validation images scored at each evaluation (0 = all).
         eval_batch_size: Images per batch when captioning for evaluation.
         eval_num_beams: Beams when captioning for evaluation (0 = the model's ``decoding.num_beams``).
-        metrics_backend: Backend of the final test metrics (``auto``: pycocoevalcap with METEOR when Java
+        metrics_scorer: Scorer of the final test metrics (``auto``: pycocoevalcap with METEOR when Java
             runs, else the pure-Python scorers without METEOR). In-training validation always uses the
             Python scorers (CIDEr-D only, no JVM).
         test_max_images: Test images scored at the end (0 = all).
@@ -118,7 +105,7 @@ class TrainConfig:
     eval_max_images: int = 200
     eval_batch_size: int = 100
     eval_num_beams: int = 0
-    metrics_backend: Literal["auto", "python", "pycocoevalcap"] = "auto"
+    metrics_scorer: Literal["auto", "python", "pycocoevalcap"] = "auto"
     test_max_images: int = 0
     num_samples: int = 20
     log_every: int = 10
@@ -162,92 +149,57 @@ class TrainConfig:
 
 
 @dataclass
-class CaptionRunConfig:
-    """A whole training run: what model, and how to train it. Stored with checkpoints and artifacts.
+class CaptionRun(RunConfig):
+    """The ``run:`` section of a caption training run: the settings every trainer has, and its own.
 
     Attributes:
+        features: Feature cache folder (None: ``<out>/features``); used when the encoder is frozen and
+            ``train.feature_cache`` is on.
+        checkpoints: Where checkpoints go (None: ``<out>/checkpoints``); a fresh run empties it.
+        resume: A checkpoint folder, or ``latest`` for the newest one under ``checkpoints``; None: a fresh
+            run.
+        mlflow: Log the run to MLflow (registering needs it: the registry stores the files in the run).
+    """
+
+    out: str = "runs/caption"
+    name: str = "captioner"
+    features: str | None = None
+    checkpoints: str | None = None
+    resume: str | None = None
+    mlflow: bool = True
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty when nothing is)."""
+        problems = super().problems()
+        if self.register and not self.mlflow:
+            problems.append("run.register needs run.mlflow (the registry stores the files in the run)")
+        return problems
+
+
+@dataclass
+class CaptionRunConfig(TrainingConfig):
+    """A whole training run: where, what model, and how to train it. Stored with checkpoints and artifacts.
+
+    Attributes:
+        run: Where the run reads and writes, and the names it is tracked and registered under.
         model: The model (architecture, tokenizer, decoding defaults).
         train: The training settings.
     """
 
+    PRESETS: ClassVar[str] = "caption"  # tiny, starter, paper
+
+    run: CaptionRun = field(default_factory=CaptionRun)
     model: CaptionConfig = field(default_factory=CaptionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
-    def load(cls, config: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CaptionRunConfig:
-        """A preset name (``tiny``, ``starter``, ``paper``) or YAML path, plus ``key=value`` overrides.
-
-        Raises:
-            ConfigError: No such preset, a missing ``model:`` section, an unknown key (nearest suggested)
-                or a bad value.
-        """
-        path = preset_path(config)
-        data = {
-            "model": load_yaml_section(path, "model"),
-            "train": load_yaml_section(path, "train", required=False),
-        }
-        return cls.from_dict(apply_run_overrides(data, overrides))
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaptionRunConfig:
-        """Build from ``{"model": {...}, "train": {...}}``; unknown keys are refused."""
+        """Build from ``{"run": {...}, "model": {...}, "train": {...}}``; unknown keys are refused."""
         return from_dict(cls, data)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON/YAML-safe)."""
-        return dataclasses.asdict(self)
-
-    def with_overrides(self, overrides: Sequence[str]) -> CaptionRunConfig:
-        """A copy with ``key=value`` overrides applied."""
-        return type(self).from_dict(apply_run_overrides(self.to_dict(), overrides))
-
     def sha256(self) -> str:
-        """Hash of the resolved config (sorted JSON), to tag runs and compare checkpoints."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Hash of what trains the model (``model`` and ``train``, sorted JSON), to tag runs and compare
+        checkpoints; ``run`` (paths and names) is left out, so the same training hashes the same anywhere."""
+        trained = {key: value for key, value in self.to_dict().items() if key != "run"}
+        text = json.dumps(trained, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def preset_path(config: str | os.PathLike[str]) -> Path:
-    """``training/configs/caption/<name>.yaml`` for a preset name, else the path itself.
-
-    Raises:
-        ConfigError: Neither a preset nor an existing file (the nearest preset is suggested).
-    """
-    text = str(config)
-    preset = PRESETS_DIR / f"{text}.yaml"
-    if os.sep not in text and not text.endswith((".yaml", ".yml")) and preset.is_file():
-        return preset
-    path = Path(text)
-    if path.is_file():
-        return path
-    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    raise ConfigError(unknown_key_message(text, names).replace("config key", "config preset or file"))
-
-
-def run_keys() -> list[str]:
-    """Every settable dotted key of a run config, section included (``train.lr``, ``model.lora.r``)."""
-    return dotted_keys(CaptionRunConfig)
-
-
-def apply_run_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A deep copy of ``{"model": ..., "train": ...}`` with ``key=value`` overrides applied.
-
-    A key without a section is looked up in ``train`` first, then in ``model``.
-
-    Raises:
-        ConfigError: Not ``key=value``, or an unknown key (the nearest valid key is suggested).
-    """
-    data = copy.deepcopy(data)
-    valid = run_keys()
-    for item in overrides:
-        key, value = parse_override(item)
-        if key not in valid:
-            for section in ("train", "model"):
-                if f"{section}.{key}" in valid:
-                    key = f"{section}.{key}"
-                    break
-            else:
-                bare = [k.partition(".")[2] for k in valid]
-                raise ConfigError(unknown_key_message(key, [*valid, *bare]))
-        set_dotted(data, key, value)
-    return data

@@ -10,7 +10,6 @@ encoder features (:mod:`training.caption.features`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from snap2caption.hashing import sha256_file
 from snap2caption.imaging import Preprocess, decode_file
-from snap2caption.models.tokenizer import CaptionTokenizer
+from snap2caption.models.caption.tokenizer import CaptionTokenizer
 
 SPLITS = ("train", "val", "test")
 
@@ -30,15 +30,6 @@ SPLITS = ("train", "val", "test")
 def manifest_path(data_dir: str | os.PathLike[str], split: str) -> Path:
     """``<data_dir>/manifests/<split>.parquet``."""
     return Path(data_dir) / "manifests" / f"{split}.parquet"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -86,7 +77,7 @@ class SplitData:
             image_ids=[str(i) for i in table["image_id"]],
             paths=[root / p for p in table["path"]],
             captions=[list(c) for c in table["captions"]],
-            manifest_sha256=file_sha256(path),
+            manifest_sha256=sha256_file(path),
         )
 
     def __len__(self) -> int:

@@ -32,8 +32,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from snap2caption.data.synth import COLOURS, PLURALS, SHAPES
-from snap2caption.metrics import Backend, MeteorScorer, evaluate_captions
-from snap2caption.models.caption import Caption, CaptionModel
+from snap2caption.metrics import MeteorScorer, Scorer, evaluate_captions
+from snap2caption.models.caption import Caption, Captioner
+from snap2caption.models.caption.model import CaptionModel
 from training.caption.data import SplitData, image_loader
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class EvalResult:
     Attributes:
         split: Split name.
         metrics: Snake-case metric -> value (``cider_d``, ``bleu_4``, ``meteor``, ``pair_recall``...).
-        backend: Which caption-metric backend computed them.
+        scorer: Which caption-metric scorer computed them.
         predictions: Image id -> predicted caption.
         samples: Image/reference/prediction triples with their per-image CIDEr-D and pairs.
         seconds: Wall time of captioning plus scoring.
@@ -127,7 +128,7 @@ class EvalResult:
 
     split: str
     metrics: dict[str, float]
-    backend: str
+    scorer: str
     predictions: dict[str, str]
     samples: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -141,7 +142,7 @@ class EvalResult:
         return {
             "split": self.split,
             "n_images": len(self.predictions),
-            "backend": self.backend,
+            "scorer": self.scorer,
             "metrics": self.metrics,
             "seconds": round(self.seconds, 2),
         }
@@ -149,7 +150,7 @@ class EvalResult:
 
 @torch.no_grad()
 def caption_batches(
-    model: CaptionModel,
+    model: CaptionModel | Captioner,
     batches: Iterable[Tensor],
     *,
     is_features: bool,
@@ -161,7 +162,8 @@ def caption_batches(
     """Caption (B, C, h, w) features or (B, 3, H, W) pixels batch by batch, in eval mode.
 
     Args:
-        model: The model; put back in its previous train/eval mode afterwards.
+        model: The model in training (put back in its previous train/eval mode afterwards), or a runtime
+            loaded from an artifact (``snap2caption.models.caption.load``; pixels only).
         batches: Image inputs.
         is_features: Whether the batches are encoder features (else pixels).
         num_beams: Beams (0 = the model's ``decoding.num_beams``).
@@ -169,35 +171,39 @@ def caption_batches(
         progress: Show a tqdm bar (None: only on a terminal).
         total: Images in all (for the bar).
     """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
+    was_training = False
+    if isinstance(model, CaptionModel):
+        was_training = model.training
+        model.eval()
+        device = device or next(model.parameters()).device
+    beams = num_beams or None
     out: list[Caption] = []
     try:
         disable = None if progress is None else not progress
         with tqdm(total=total, desc="caption", unit="img", disable=disable) as bar:
             for batch in batches:
-                inputs = batch.to(device).float()
-                kwargs: dict[str, Any] = {"num_beams": num_beams or None}
-                if is_features:
-                    out += model.generate(features=inputs, **kwargs)
+                if not isinstance(model, CaptionModel):  # a runtime: NumPy pixels, as the service has them
+                    out += model.generate(batch.float().numpy(), num_beams=beams)
+                elif is_features:
+                    out += model.generate(features=batch.to(device).float(), num_beams=beams)
                 else:
-                    out += model.generate(inputs, **kwargs)
-                bar.update(inputs.shape[0])
+                    out += model.generate(batch.to(device).float(), num_beams=beams)
+                bar.update(batch.shape[0])
     finally:
-        model.train(was_training)
+        if isinstance(model, CaptionModel):
+            model.train(was_training)
     return out
 
 
 def evaluate_split(
-    model: CaptionModel,
+    model: CaptionModel | Captioner,
     split: SplitData,
     *,
     features: Tensor | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     num_beams: int = 0,
-    backend: Backend = "python",
+    scorer: Scorer = "python",
     metrics: Sequence[str] | None = None,
     meteor: MeteorScorer | None = None,
     num_samples: int = 0,
@@ -206,16 +212,16 @@ def evaluate_split(
     """Caption every image of a split and score the captions against its references.
 
     Args:
-        model: The model.
+        model: The model in training, or a runtime loaded from an artifact (see :func:`caption_batches`).
         split: The images and references.
         features: (N, C, h, w) precomputed encoder features of ``split`` (frozen encoder), else the images
             are decoded and preprocessed with ``model.preprocess`` (the serving path).
         batch_size: Images per generate call.
         num_workers: Decoding workers (pixel path).
         num_beams: Beams (0 = the model's default).
-        backend: Caption-metric backend (see :func:`snap2caption.metrics.evaluate_captions`).
+        scorer: Caption-metric scorer (see :func:`snap2caption.metrics.evaluate_captions`).
         metrics: Subset of caption metrics (``["CIDEr-D"]`` for a quick validation score); None = all the
-            backend computes.
+            scorer computes.
         meteor: A running METEOR process to reuse.
         num_samples: Sample triples to keep, evenly spaced over the split.
         progress: Show a tqdm bar.
@@ -236,14 +242,14 @@ def evaluate_split(
     )
     predictions = {image_id: c.text for image_id, c in zip(split.image_ids, captions, strict=True)}
     references = split.references()
-    scores = evaluate_captions(references, predictions, backend=backend, metrics=metrics, meteor=meteor)
+    scores = evaluate_captions(references, predictions, scorer=scorer, metrics=metrics, meteor=meteor)
     values = {METRIC_KEYS[name]: float(value) for name, value in scores.items()}
     values.update(pair_scores(references, predictions))
     values["mean_confidence"] = sum(c.confidence for c in captions) / len(captions)
     result = EvalResult(
         split.name,
         values,
-        scores.backend,
+        scores.scorer,
         predictions,
         seconds=time.perf_counter() - started,
         confidences=[math.exp(c.confidence) for c in captions],
@@ -293,7 +299,7 @@ def evaluate_model(
     out_dir: str | os.PathLike[str],
     *,
     max_images: int = 0,
-    backend: Backend = "auto",
+    scorer: Scorer = "auto",
     num_beams: int = 0,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -305,36 +311,30 @@ def evaluate_model(
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Load a model from its artifact alone, caption a split from the image files, score it, write results.
 
-    ``runtime`` runs the network as a serving backend would: PyTorch, or the artifact's ONNX export
-    (``onnx-int8``: with the int8 decoder), the decoding loop being the same.
+    ``runtime`` runs the model as the captioner service can (``snap2caption.models.caption.load``):
+    PyTorch, or the artifact's ONNX export on ONNX Runtime (``onnx-int8``: with the int8 decoder).
 
     Writes ``<out_dir>/metrics.json`` (model, data, metrics) and ``<out_dir>/samples.json`` (triples).
 
     Returns:
         The evaluation and the ``metrics.json`` content.
     """
-    from snap2caption.models.artifact import load_caption_model
+    from snap2caption.models import caption
     from snap2caption.models.uri import resolve_model_dir
     from training.provenance import dataset_version
 
     folder = resolve_model_dir(
         uri, tracking_uri=tracking_uri, cache_dir=Path(cache_dir) if cache_dir else None
     )
-    model, _ = load_caption_model(folder)
-    if runtime != "torch":
-        from snap2caption.models.caption_onnx import CaptionOnnx
-
-        CaptionOnnx.for_model(
-            model, folder, threads=torch.get_num_threads(), int8=runtime == "onnx-int8"
-        ).attach(model)
+    captioner = caption.load(folder, runtime, threads=torch.get_num_threads())
     data = SplitData.load(data_dir, split).head(max_images)
     result = evaluate_split(
-        model,
+        captioner,
         data,
         batch_size=batch_size,
         num_workers=num_workers,
         num_beams=num_beams,
-        backend=backend,
+        scorer=scorer,
         num_samples=num_samples,
         progress=progress,
     )

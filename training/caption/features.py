@@ -117,8 +117,8 @@ def _onnx_runner(encoder: ImageEncoder, folder: Path) -> Callable[[Tensor], Tens
     EfficientNet's depthwise convolutions run about 3x faster there than in eager PyTorch on a CPU
     (measured here: 54 vs 162 ms per 224-px image on one thread); the outputs agree to ~3e-5.
     """
+    from snap2caption.models.onnx_export import export_onnx
     from snap2caption.models.onnx_io import cpu_session
-    from training.onnx_tools import export_onnx
 
     crop = encoder.preprocess.crop
     path = export_onnx(

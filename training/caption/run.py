@@ -1,11 +1,14 @@
-"""One caption training run end to end: data -> (cached features) -> train -> test -> artifact -> registry.
+"""One caption training run end to end, in named phases: data -> model -> (cached features) -> tracking ->
+fit -> test -> artifact -> registry -> summary.
 
-``snap2caption train caption`` calls :func:`train_caption`; so do the tests, with the ``tiny`` preset.
+``snap2caption train caption`` calls :func:`train_caption`; so do the tests, with the ``tiny`` preset. Every
+setting of the run is in its config (:class:`~training.caption.config.CaptionRunConfig`: ``run``, ``model``,
+``train``); :func:`train_caption` reads top to bottom as the list of phases, each a function below.
 
-Output folder::
+Output folder (``run.out``)::
 
     <out>/model/          the artifact (safetensors, config, tokenizer, model card, MANIFEST.json)
-    <out>/checkpoints/    resumable checkpoints (``--resume``; ``--checkpoints`` puts them elsewhere)
+    <out>/checkpoints/    resumable checkpoints (``run.resume``; ``run.checkpoints`` puts them elsewhere)
     <out>/metrics.json    test and validation metrics, timings, provenance, registered version
     <out>/samples.json    test image / references / prediction triples
     <out>/config.yaml     the resolved run config
@@ -13,46 +16,53 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
-import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from torch import Tensor
 
 from snap2caption.config import ConfigError
-from snap2caption.models.artifact import save_caption_model
-from snap2caption.models.caption import CaptionModel, build_tokenizer
-from snap2caption.monitoring.drift import REFERENCE_FILE, DriftReference, numeric_reference, read_reference
+from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.export import export_for_serving
+from snap2caption.models.caption.model import CaptionModel, build_tokenizer
+from snap2caption.monitoring.reference import (
+    REFERENCE_FILE,
+    DriftReference,
+    numeric_reference,
+    read_reference,
+)
 from training.callbacks.base import Callback, CallbackList
-from training.callbacks.checkpoint import CheckpointCallback, latest_checkpoint, read_checkpoint
+from training.callbacks.checkpoint import Checkpoint, CheckpointCallback, latest_checkpoint, read_checkpoint
 from training.callbacks.early_stopping import EarlyStopping
 from training.callbacks.progress import ProgressCallback
 from training.caption.config import CaptionRunConfig
 from training.caption.data import CaptionPairs, SplitData, manifest_path
 from training.caption.evaluate import EvalResult, evaluate_split
-from training.caption.export import export_for_serving
 from training.caption.features import cached_features
-from training.caption.register import DataFacts, is_synthetic, model_card, write_model_card
+from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
 from training.caption.train import CaptionTrainer, TrainState, auto_threads, resolve_device
 from training.provenance import dataset_version, git_commit
 
 if TYPE_CHECKING:
-    from snap2caption.registry import ModelVersionInfo, Registry
+    from snap2caption.registry import ModelVersionInfo
+    from training.callbacks.mlflow import MlflowCallback
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "captioner"
-EXPERIMENT = "captioner"
 # Train settings a resumed run may change (how long, how often, where); anything else must match.
 RESUMABLE_CHANGES = {
     "epochs", "max_steps", "time_budget_min", "reserve_min", "checkpoint_every", "keep_checkpoints",
-    "eval_every", "patience", "device", "threads", "num_workers", "log_every", "metrics_backend",
+    "eval_every", "patience", "device", "threads", "num_workers", "log_every", "metrics_scorer",
     "test_max_images", "num_samples", "eval_batch_size",
 }  # fmt: skip
 
@@ -82,12 +92,464 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _optional_split(data_dir: Path, name: str) -> SplitData | None:
-    return SplitData.load(data_dir, name) if manifest_path(data_dir, name).is_file() else None
+@dataclass
+class Splits:
+    """The ETL's splits a run reads; ``val`` and ``test`` are optional."""
+
+    train: SplitData
+    val: SplitData | None
+    test: SplitData | None
 
 
-def _check_resume(config: CaptionRunConfig, saved: dict[str, Any]) -> None:
-    """A resumed run must train the same model the same way; only RESUMABLE_CHANGES may differ."""
+@dataclass
+class Provenance:
+    """Where a run's model came from: code, data and config, as run tags and model-card lines.
+
+    Attributes:
+        commit: The git commit of the code.
+        dirty: Whether the checkout had uncommitted changes.
+        facts: The data it was trained on.
+        tags: MLflow run tags (the registered version gets them too, less ``snap2caption.model``).
+    """
+
+    commit: str
+    dirty: bool
+    facts: DataFacts
+    tags: dict[str, str]
+
+
+def train_caption(
+    config: CaptionRunConfig,
+    *,
+    progress: bool | None = None,
+    extra_callbacks: list[Callback] | None = None,
+    started: float | None = None,
+) -> RunResult:
+    """Train, evaluate on the test split, save the artifact with its model card, log and register.
+
+    Args:
+        config: The run config: where (``run``), what model (``model``) and how to train it (``train``).
+        progress: Progress bars: True, False, or None (only on a terminal).
+        extra_callbacks: More callbacks (e.g. a Ray Tune reporter).
+        started: ``time.monotonic()`` when the run began (the time budget counts from it); default now.
+
+    Returns:
+        What the run produced.
+    """
+    started = time.monotonic() if started is None else started
+    timings: dict[str, float] = {}
+    device = setup_device(config)
+    checkpoint = open_checkpoints(config)
+    splits = load_splits(config)
+    model = build_model(config, splits, checkpoint, device)
+    pairs, val_features = training_pairs(config, model, splits, device, progress, timings)
+    provenance = describe_run(config, splits, pairs)
+    tracker = start_tracking(config, model, pairs, provenance)
+    callbacks = CallbackList(
+        [*standard_callbacks(config, progress), *([tracker] if tracker else []), *(extra_callbacks or [])]
+    )
+    trainer = CaptionTrainer(
+        config,
+        model,
+        pairs,
+        val=splits.val,
+        val_features=val_features,
+        device=device,
+        callbacks=callbacks,
+        deadline=deadline(config, started),
+    )
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint.state, checkpoint.best_weights)
+
+    failed = True
+    try:
+        with timed(timings, "train_s"):
+            state = trainer.fit()
+        test = None
+        if splits.test is not None:
+            with timed(timings, "test_s"):
+                test = test_model(config, model, splits.test, progress)
+            callbacks.on_test_end(trainer, test)
+        with timed(timings, "save_s"):
+            artifact, training = save_artifact(config, trainer, test, provenance, tracker, timings, started)
+            callbacks.on_model_saved(trainer, artifact)
+        registered = None
+        if config.run.register:
+            assert test is not None and tracker is not None  # load_splits and the config checked both
+            with timed(timings, "register_s"):
+                registered = register_model(config, tracker, artifact, test, state, provenance)
+        timings["total_s"] = time.monotonic() - started
+        summary = write_summary(config, trainer, test, training, provenance, tracker, registered, timings)
+        failed = False
+    finally:
+        callbacks.on_run_end(trainer, failed)
+
+    return RunResult(
+        out_dir=Path(config.run.out),
+        artifact_dir=artifact,
+        state=state,
+        test=test,
+        registered=registered,
+        run_id=tracker.run_id if tracker else None,
+        timings=timings,
+        summary=summary,
+    )
+
+
+# ============================================================================================== phases
+
+
+def setup_device(config: CaptionRunConfig) -> torch.device:
+    """Torch's intra-op threads (``train.threads``, or the idle cores) and the training device."""
+    torch.set_num_threads(config.train.threads or auto_threads())
+    logger.info("torch intra-op threads: %d", torch.get_num_threads())
+    return resolve_device(config.train.device)
+
+
+def open_checkpoints(config: CaptionRunConfig) -> Checkpoint | None:
+    """The checkpoint ``run.resume`` names, checked against this config; a fresh run empties the
+    checkpoint folder instead. Creates the run folder.
+
+    Raises:
+        FileNotFoundError: ``run.resume=latest`` and no checkpoint to resume from.
+        ConfigError: The checkpoint trained another model, or trained it another way.
+    """
+    run = config.run
+    out = Path(run.out)
+    folder = checkpoints_dir(config)
+    checkpoint = None
+    if run.resume is not None:
+        path = latest_checkpoint(folder) if run.resume == "latest" else Path(run.resume)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint under {folder} to resume from")
+        checkpoint = read_checkpoint(path)
+        check_resume(config, checkpoint.config)
+        logger.info("resuming from %s", path)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def load_splits(config: CaptionRunConfig) -> Splits:
+    """The train split and, when the ETL made them, the val and test splits of ``run.data``.
+
+    Raises:
+        FileNotFoundError: No train split; or no test split while ``run.register`` needs test metrics.
+    """
+    data = Path(config.run.data)
+    splits = Splits(
+        SplitData.load(data, "train"), _optional_split(data, "val"), _optional_split(data, "test")
+    )
+    if config.run.register and splits.test is None:
+        raise FileNotFoundError(f"no test split in {data}: registration needs test metrics")
+    return splits
+
+
+def build_model(
+    config: CaptionRunConfig, splits: Splits, checkpoint: Checkpoint | None, device: torch.device
+) -> CaptionModel:
+    """The network on ``device``, seeded by ``train.seed``: the checkpoint's tokenizer and weights when
+    resuming, else a tokenizer trained on the training captions and fresh weights."""
+    torch.manual_seed(config.train.seed)
+    if checkpoint is not None:
+        tokenizer = checkpoint.tokenizer
+    else:
+        tokenizer = build_tokenizer(config.model, [c for caps in splits.train.captions for c in caps])
+    model = CaptionModel(config.model, tokenizer)
+    if checkpoint is not None:
+        checkpoint.load_weights(model)
+    return model.to(device)
+
+
+def training_pairs(
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    splits: Splits,
+    device: torch.device,
+    progress: bool | None,
+    timings: dict[str, float],
+) -> tuple[CaptionPairs, Tensor | None]:
+    """The (image, caption) training pairs and the validation features.
+
+    With a frozen encoder and ``train.feature_cache`` on, the encoder runs once per split (cached under
+    ``run.features``; ``timings["features_s"]``) and the pairs hold features; otherwise they decode and
+    preprocess the images and there are no validation features.
+    """
+    cfg = config.train
+    if not uses_cached_features(config):
+        pairs = CaptionPairs(splits.train, cfg.captions_per_image, preprocess=model.preprocess)
+        return pairs, None
+    with timed(timings, "features_s"):
+        cache = Path(config.run.features) if config.run.features else Path(config.run.out) / "features"
+        options: dict[str, Any] = {
+            "dtype": cfg.feature_dtype,
+            "batch_size": cfg.feature_batch_size,
+            "num_workers": cfg.num_workers,
+            "device": device,
+            "runtime": cfg.feature_runtime,
+            "progress": progress is not False,
+        }
+        train_features = cached_features(model.encoder, splits.train, cache, **options)
+        val_features = None
+        if splits.val is not None:
+            val_features = cached_features(model.encoder, splits.val, cache, **options)
+    return CaptionPairs(splits.train, cfg.captions_per_image, features=train_features), val_features
+
+
+def describe_run(config: CaptionRunConfig, splits: Splits, pairs: CaptionPairs) -> Provenance:
+    """The code, data and config the run trains from, as run tags."""
+    data = str(Path(config.run.data))
+    commit, dirty = git_commit()
+    facts = DataFacts(
+        data_dir=data,
+        version=dataset_version(data),
+        images={s.name: len(s) for s in (splits.train, splits.val, splits.test) if s is not None},
+        train_pairs=len(pairs),
+        synthetic=is_synthetic(data),
+    )
+    tags = {
+        "snap2caption.model": config.run.name,
+        "preset": config.run.preset,
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "dataset_version": facts.version,
+        "dataset_path": data,
+        "config_sha256": config.sha256(),
+    }
+    return Provenance(commit, dirty, facts, tags)
+
+
+def standard_callbacks(config: CaptionRunConfig, progress: bool | None) -> list[Callback]:
+    """Progress, early stopping and checkpoints: the callbacks every run has."""
+    cfg = config.train
+    return [
+        ProgressCallback(cfg.log_every, enabled=progress),
+        EarlyStopping(cfg.patience),
+        CheckpointCallback(checkpoints_dir(config), cfg.checkpoint_every, cfg.keep_checkpoints),
+    ]
+
+
+def start_tracking(
+    config: CaptionRunConfig, model: CaptionModel, pairs: CaptionPairs, provenance: Provenance
+) -> MlflowCallback | None:
+    """The MLflow callback (None with ``run.mlflow`` off): the run's params, tags and resolved config, in
+    ``run.experiment_name`` of the registry at ``run.tracking_uri``."""
+    if not config.run.mlflow:
+        return None
+    from snap2caption.registry import Registry
+    from training.callbacks.mlflow import MlflowCallback
+
+    facts = provenance.facts
+    params = {
+        **config.to_dict(),
+        "data": {
+            "dir": facts.data_dir,
+            "version": facts.version,
+            **{f"{k}_images": v for k, v in facts.images.items()},
+        },
+        **parameter_counts(model),
+        "train_pairs": len(pairs),
+        "vocab_size": model.tokenizer.vocab_size,
+        "features_cached": uses_cached_features(config),
+    }
+    return MlflowCallback(
+        Registry(config.run.tracking_uri),
+        config.run.experiment_name,
+        run_name=f"{config.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+        params=params,
+        tags=provenance.tags,
+        config=config.to_dict(),
+        log_every=config.train.log_every,
+    )
+
+
+def test_model(
+    config: CaptionRunConfig, model: CaptionModel, test: SplitData, progress: bool | None
+) -> EvalResult:
+    """The final model on (the first ``train.test_max_images`` of) the test split, scored by
+    ``train.metrics_scorer``: the metrics the registry's gate reads."""
+    cfg = config.train
+    return evaluate_split(
+        model,
+        test.head(cfg.test_max_images),
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        num_beams=cfg.eval_num_beams,
+        scorer=cfg.metrics_scorer,
+        num_samples=cfg.num_samples,
+        progress=progress is True,
+    )
+
+
+def save_artifact(
+    config: CaptionRunConfig,
+    trainer: CaptionTrainer,
+    test: EvalResult | None,
+    provenance: Provenance,
+    tracker: MlflowCallback | None,
+    timings: dict[str, float],
+    started: float,
+) -> tuple[Path, dict[str, Any]]:
+    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the model card and the
+    ONNX export (what the ``onnx`` runtimes load).
+
+    Returns:
+        The artifact folder, and the training facts the model card states.
+    """
+    model, state = trainer.model, trainer.state
+    artifact = Path(config.run.out) / "model"
+    shutil.rmtree(artifact, ignore_errors=True)
+    training: dict[str, Any] = {
+        "steps": state.step,
+        "epochs": state.step / trainer.steps_per_epoch,
+        "device": str(trainer.device),
+        "stop_reason": trainer.stop_reason,
+        "best_step": state.best_step if state.best_step >= 0 else state.step,
+        "best_val_cider_d": state.best_score if state.best_step >= 0 else float("nan"),
+        **timings,
+        "total_s": time.monotonic() - started,
+    }
+    facts = provenance.facts
+    record = {
+        "git_commit": provenance.commit + (" (dirty)" if provenance.dirty else ""),
+        "config_sha256": config.sha256(),
+    }
+    if tracker is not None and tracker.run_id:
+        record["mlflow_run_id"] = tracker.run_id
+    save_caption_model(
+        model,
+        model.tokenizer,
+        artifact,
+        drift_reference=drift_reference(Path(config.run.data), facts.version, test),
+        extra={
+            "preset": config.run.preset,
+            "dataset_version": facts.version,
+            "git_commit": provenance.commit,
+            "training": training,
+        },
+    )
+    card = model_card(
+        name=config.run.name,
+        config=config.to_dict(),
+        preset=config.run.preset,
+        data=facts,
+        test=test.to_dict() if test else None,
+        training=training,
+        provenance=record,
+        **parameter_counts(model),
+        vocab_size=model.tokenizer.vocab_size,
+    )
+    write_model_card(artifact, card)
+    export_for_serving(artifact)  # ONNX + int8 decoder
+    return artifact, training
+
+
+def register_model(
+    config: CaptionRunConfig,
+    tracker: MlflowCallback,
+    artifact: Path,
+    test: EvalResult,
+    state: TrainState,
+    provenance: Provenance,
+) -> ModelVersionInfo:
+    """Register the artifact as ``run.name`` (alias ``candidate``) with its test metrics (and the best
+    validation CIDEr-D), tagged with the run's provenance."""
+    metrics = test.prefixed("test")
+    if state.best_step >= 0:
+        metrics["val_cider_d"] = state.best_score
+    preset = config.run.preset
+    registered = tracker.registry.register(
+        config.run.name,
+        artifact,
+        metrics=metrics,
+        run_id=tracker.run_id,
+        tags={k: v for k, v in provenance.tags.items() if k != "snap2caption.model"},
+        description=f"{preset}, {state.step} steps, test CIDEr-D {metrics['test_cider_d']:.3f}",
+    )
+    tracker.set_tags({"registered_version": str(registered.version)})
+    return registered
+
+
+def write_summary(
+    config: CaptionRunConfig,
+    trainer: CaptionTrainer,
+    test: EvalResult | None,
+    training: dict[str, Any],
+    provenance: Provenance,
+    tracker: MlflowCallback | None,
+    registered: ModelVersionInfo | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Write ``metrics.json``, ``samples.json`` and ``config.yaml`` into the run folder.
+
+    Returns:
+        What ``metrics.json`` holds.
+    """
+    out, state, facts = Path(config.run.out), trainer.state, provenance.facts
+    summary: dict[str, Any] = {
+        "model": str(out / "model"),
+        "preset": config.run.preset,
+        "steps": state.step,
+        "epochs": round(state.step / trainer.steps_per_epoch, 3),
+        "stop_reason": trainer.stop_reason,
+        "best_step": training["best_step"],
+        "val": {
+            "cider_d_best": state.best_score if state.best_step >= 0 else None,
+            "history": state.evals,
+        },
+        "test": test.to_dict() if test else None,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "dataset": {"path": facts.data_dir, "version": facts.version, "images": facts.images},
+        "git_commit": provenance.commit,
+        "mlflow_run_id": tracker.run_id if tracker else None,
+        "registered": {"name": config.run.name, "version": registered.version} if registered else None,
+    }
+    _write_json(out / "metrics.json", summary)
+    _write_json(out / "samples.json", test.samples if test else [])
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    return summary
+
+
+# ============================================================================================= helpers
+
+
+def checkpoints_dir(config: CaptionRunConfig) -> Path:
+    """``run.checkpoints``, else ``<out>/checkpoints``."""
+    run = config.run
+    return Path(run.checkpoints) if run.checkpoints else Path(run.out) / "checkpoints"
+
+
+def parameter_counts(model: CaptionModel) -> dict[str, int]:
+    """``n_params`` and ``n_trainable`` (the parameters the optimizer updates)."""
+    return {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def uses_cached_features(config: CaptionRunConfig) -> bool:
+    """Whether the run trains on cached encoder features: a frozen encoder and ``train.feature_cache``."""
+    return config.train.feature_cache and config.model.encoder.trainable == "none"
+
+
+def deadline(config: CaptionRunConfig, started: float) -> float | None:
+    """When the loop must stop (``time.monotonic()``): the budget less the reserve for testing and saving."""
+    cfg = config.train
+    return started + (cfg.time_budget_min - cfg.reserve_min) * 60 if cfg.time_budget_min else None
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as ``timings[key]`` (when it does not raise)."""
+    t0 = time.monotonic()
+    yield
+    timings[key] = time.monotonic() - t0
+
+
+def check_resume(config: CaptionRunConfig, saved: dict[str, Any]) -> None:
+    """A resumed run must train the same model the same way; only RESUMABLE_CHANGES (and ``run``) may
+    differ."""
     current = config.to_dict()
     if current["model"] != saved["model"]:
         diff = sorted(k for k in current["model"] if current["model"][k] != saved["model"].get(k))
@@ -100,299 +562,8 @@ def _check_resume(config: CaptionRunConfig, saved: dict[str, Any]) -> None:
         logger.info("resuming with changed train settings %s", changed)
 
 
-def train_caption(
-    config: CaptionRunConfig,
-    data_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    features_dir: str | os.PathLike[str] | None = None,
-    checkpoints_dir: str | os.PathLike[str] | None = None,
-    resume: str | os.PathLike[str] | None = None,
-    registry: Registry | None = None,
-    register: bool = True,
-    mlflow: bool = True,
-    model_name: str = MODEL_NAME,
-    experiment: str = EXPERIMENT,
-    preset: str = "custom",
-    progress: bool | None = None,
-    extra_callbacks: list[Callback] | None = None,
-    started: float | None = None,
-) -> RunResult:
-    """Train, evaluate on the test split, save the artifact with its model card, log and register.
-
-    Args:
-        config: The run config.
-        data_dir: ETL output folder (``manifests/{train,val,test}.parquet``).
-        out_dir: The run folder (see the module docstring); a fresh run clears its checkpoints.
-        features_dir: Feature cache folder (default ``<out_dir>/features``); used when the encoder is frozen
-            and ``train.feature_cache`` is on.
-        checkpoints_dir: Where checkpoints go (default ``<out_dir>/checkpoints``).
-        resume: A checkpoint folder, or ``"latest"`` for the newest one under ``checkpoints_dir``.
-        registry: Registry client (default ``Registry()``: ``MLFLOW_TRACKING_URI`` or the embedded store).
-        register: Register the artifact as ``model_name`` (alias ``candidate``). Needs a test split.
-        mlflow: Log the run to MLflow (registration needs it).
-        model_name: Registered model name.
-        experiment: MLflow experiment.
-        preset: Preset name, for the model card and tags.
-        progress: Progress bars: True, False, or None (only on a terminal).
-        extra_callbacks: More callbacks (e.g. a Ray Tune reporter).
-        started: ``time.monotonic()`` when the run began (the time budget counts from it); default now.
-
-    Returns:
-        What the run produced.
-    """
-    started = time.monotonic() if started is None else started
-    cfg = config.train
-    data_dir, out = Path(data_dir), Path(out_dir)
-    if register and not mlflow:
-        raise ValueError("registering needs MLflow (the registry stores the files in the run)")
-    deadline = started + (cfg.time_budget_min - cfg.reserve_min) * 60 if cfg.time_budget_min else None
-    torch.set_num_threads(cfg.threads or auto_threads())
-    logger.info("torch intra-op threads: %d", torch.get_num_threads())
-    device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-
-    checkpoints = Path(checkpoints_dir) if checkpoints_dir is not None else out / "checkpoints"
-    checkpoint = None
-    if resume is not None:
-        path = latest_checkpoint(checkpoints) if str(resume) == "latest" else Path(resume)
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint under {checkpoints} to resume from")
-        checkpoint = read_checkpoint(path)
-        _check_resume(config, checkpoint.config)
-        logger.info("resuming from %s", path)
-    else:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-    train = SplitData.load(data_dir, "train")
-    val, test = _optional_split(data_dir, "val"), _optional_split(data_dir, "test")
-    if register and test is None:
-        raise FileNotFoundError(f"no test split in {data_dir}: registration needs test metrics")
-
-    torch.manual_seed(cfg.seed)
-    if checkpoint is not None:
-        tokenizer = checkpoint.tokenizer
-    else:
-        tokenizer = build_tokenizer(config.model, [c for caps in train.captions for c in caps])
-    model = CaptionModel(config.model, tokenizer)
-    if checkpoint is not None:
-        checkpoint.load_weights(model)
-    model.to(device)
-
-    use_features = cfg.feature_cache and config.model.encoder.trainable == "none"
-    train_features = val_features = None
-    if use_features:
-        t0 = time.monotonic()
-        cache = Path(features_dir) if features_dir is not None else out / "features"
-        options: dict[str, Any] = {
-            "dtype": cfg.feature_dtype,
-            "batch_size": cfg.feature_batch_size,
-            "num_workers": cfg.num_workers,
-            "device": device,
-            "runtime": cfg.feature_runtime,
-            "progress": progress is not False,
-        }
-        train_features = cached_features(model.encoder, train, cache, **options)
-        if val is not None:
-            val_features = cached_features(model.encoder, val, cache, **options)
-        timings["features_s"] = time.monotonic() - t0
-    pairs = CaptionPairs(
-        train,
-        cfg.captions_per_image,
-        features=train_features,
-        preprocess=None if use_features else model.preprocess,
-    )
-
-    commit, dirty = git_commit()
-    facts = DataFacts(
-        data_dir=str(data_dir),
-        version=dataset_version(data_dir),
-        images={s.name: len(s) for s in (train, val, test) if s is not None},
-        train_pairs=len(pairs),
-        synthetic=is_synthetic(data_dir),
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tags = {
-        "snap2caption.model": model_name,
-        "preset": preset,
-        "git_commit": commit,
-        "git_dirty": str(dirty).lower(),
-        "dataset_version": facts.version,
-        "dataset_path": str(data_dir),
-        "config_sha256": config.sha256(),
-    }
-    callbacks: list[Callback] = [
-        ProgressCallback(cfg.log_every, enabled=progress),
-        EarlyStopping(cfg.patience),
-        CheckpointCallback(checkpoints, cfg.checkpoint_every, cfg.keep_checkpoints),
-    ]
-    mlflow_cb = None
-    if mlflow:
-        from snap2caption.registry import Registry
-        from training.callbacks.mlflow import MlflowCallback
-
-        registry = registry or Registry()
-        params = {
-            **config.to_dict(),
-            "data": {
-                "dir": str(data_dir),
-                "version": facts.version,
-                **{f"{k}_images": v for k, v in facts.images.items()},
-            },
-            "n_params": n_params,
-            "n_trainable": n_trainable,
-            "train_pairs": len(pairs),
-            "vocab_size": tokenizer.vocab_size,
-            "features_cached": use_features,
-        }
-        mlflow_cb = MlflowCallback(
-            registry,
-            experiment,
-            run_name=f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-            params=params,
-            tags=tags,
-            config=config.to_dict(),
-            log_every=cfg.log_every,
-        )
-        callbacks.append(mlflow_cb)
-    callback_list = CallbackList([*callbacks, *(extra_callbacks or [])])
-
-    trainer = CaptionTrainer(
-        config,
-        model,
-        pairs,
-        val=val,
-        val_features=val_features,
-        device=device,
-        callbacks=callback_list,
-        deadline=deadline,
-    )
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint.state, checkpoint.best_weights)
-
-    failed = True
-    try:
-        t0 = time.monotonic()
-        state = trainer.fit()
-        timings["train_s"] = time.monotonic() - t0
-
-        test_result = None
-        if test is not None:
-            t0 = time.monotonic()
-            test_result = evaluate_split(
-                model,
-                test.head(cfg.test_max_images),
-                batch_size=cfg.eval_batch_size,
-                num_workers=cfg.num_workers,
-                num_beams=cfg.eval_num_beams,
-                backend=cfg.metrics_backend,
-                num_samples=cfg.num_samples,
-                progress=progress is True,
-            )
-            timings["test_s"] = time.monotonic() - t0
-            callback_list.on_test_end(trainer, test_result)
-
-        t0 = time.monotonic()
-        artifact = out / "model"
-        shutil.rmtree(artifact, ignore_errors=True)
-        training_facts: dict[str, Any] = {
-            "steps": state.step,
-            "epochs": state.step / trainer.steps_per_epoch,
-            "device": str(device),
-            "stop_reason": trainer.stop_reason,
-            "best_step": state.best_step if state.best_step >= 0 else state.step,
-            "best_val_cider_d": state.best_score if state.best_step >= 0 else float("nan"),
-            **timings,
-            "total_s": time.monotonic() - started,
-        }
-        provenance = {"git_commit": commit + (" (dirty)" if dirty else ""), "config_sha256": config.sha256()}
-        if mlflow_cb is not None and mlflow_cb.run_id:
-            provenance["mlflow_run_id"] = mlflow_cb.run_id
-        save_caption_model(
-            model,
-            tokenizer,
-            artifact,
-            drift_reference=drift_reference(data_dir, facts.version, test_result),
-            extra={
-                "preset": preset,
-                "dataset_version": facts.version,
-                "git_commit": commit,
-                "training": training_facts,
-            },
-        )
-        card = model_card(
-            name=model_name,
-            config=config.to_dict(),
-            preset=preset,
-            data=facts,
-            test=test_result.to_dict() if test_result else None,
-            training=training_facts,
-            provenance=provenance,
-            n_params=n_params,
-            n_trainable=n_trainable,
-            vocab_size=tokenizer.vocab_size,
-        )
-        write_model_card(artifact, card)
-        export_for_serving(artifact)  # ONNX + int8 decoder: what the onnx serving backends load
-        callback_list.on_model_saved(trainer, artifact)
-        timings["save_s"] = time.monotonic() - t0
-
-        registered = None
-        if register:
-            assert test_result is not None and mlflow_cb is not None
-            t0 = time.monotonic()
-            metrics = test_result.prefixed("test")
-            if state.best_step >= 0:
-                metrics["val_cider_d"] = state.best_score
-            registered = mlflow_cb.registry.register(
-                model_name,
-                artifact,
-                metrics=metrics,
-                run_id=mlflow_cb.run_id,
-                tags={k: v for k, v in tags.items() if k != "snap2caption.model"},
-                description=f"{preset}, {state.step} steps, test CIDEr-D {metrics['test_cider_d']:.3f}",
-            )
-            mlflow_cb.set_tags({"registered_version": str(registered.version)})
-            timings["register_s"] = time.monotonic() - t0
-        timings["total_s"] = time.monotonic() - started
-
-        summary: dict[str, Any] = {
-            "model": str(artifact),
-            "preset": preset,
-            "steps": state.step,
-            "epochs": round(state.step / trainer.steps_per_epoch, 3),
-            "stop_reason": trainer.stop_reason,
-            "best_step": training_facts["best_step"],
-            "val": {
-                "cider_d_best": state.best_score if state.best_step >= 0 else None,
-                "history": state.evals,
-            },
-            "test": test_result.to_dict() if test_result else None,
-            "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "dataset": {"path": str(data_dir), "version": facts.version, "images": facts.images},
-            "git_commit": commit,
-            "mlflow_run_id": mlflow_cb.run_id if mlflow_cb else None,
-            "registered": {"name": model_name, "version": registered.version} if registered else None,
-        }
-        _write_json(out / "metrics.json", summary)
-        _write_json(out / "samples.json", test_result.samples if test_result else [])
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-        failed = False
-    finally:
-        callback_list.on_run_end(trainer, failed)
-
-    return RunResult(
-        out_dir=out,
-        artifact_dir=artifact,
-        state=state,
-        test=test_result,
-        registered=registered,
-        run_id=mlflow_cb.run_id if mlflow_cb else None,
-        timings=timings,
-        summary=summary,
-    )
+def _optional_split(data_dir: Path, name: str) -> SplitData | None:
+    return SplitData.load(data_dir, name) if manifest_path(data_dir, name).is_file() else None
 
 
 def drift_reference(data_dir: Path, version: str, test: EvalResult | None) -> DriftReference | None:
@@ -415,6 +586,4 @@ def drift_reference(data_dir: Path, version: str, test: EvalResult | None) -> Dr
 
 
 def _write_json(path: Path, data: Any) -> None:
-    import json
-
     path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snap2caption.models.caption import CaptionModel
+from snap2caption.models.caption.model import CaptionModel
 from training.callbacks.base import Callback, CallbackList
 from training.caption.config import CaptionRunConfig, TrainConfig
 from training.caption.data import (
@@ -284,7 +284,7 @@ class CaptionTrainer:
             batch_size=self.cfg.eval_batch_size,
             num_workers=self.cfg.num_workers,
             num_beams=self.cfg.eval_num_beams,
-            backend="python",
+            scorer="python",
             metrics=["CIDEr-D"],
         )
         score = result.metrics["cider_d"]

@@ -17,21 +17,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
-from snap2caption.models.onnx_io import cpu_session
-from snap2caption.models.tagger import Tag, Tagger
-from snap2caption.models.tagger_onnx import (
-    INPUT_NAME,
-    INT8_ONNX_FILE,
-    ONNX_FILE,
-    OUTPUT_NAME,
-    TaggerOnnx,
-    onnx_metadata,
-)
-from snap2caption.registry import MANIFEST_NAME, Registry, write_manifest
-from training.onnx_tools import build_tensorrt_engine, export_onnx, quantize_int8, require_tensorrt
+from snap2caption.manifest import MANIFEST_NAME, write_manifest
+from snap2caption.models.onnx_export import require_tensorrt
+from snap2caption.models.tagger.artifact import save_tagger
+from snap2caption.models.tagger.config import INT8_ONNX_FILE, ONNX_FILE
+from snap2caption.models.tagger.export import export_int8, export_onnx, export_tensorrt
+from snap2caption.models.tagger.net import TaggerNet
+from snap2caption.models.tagger.runtime import Tagger
+from snap2caption.models.tagger.tags import Tag
+from snap2caption.registry import Registry
 from training.tagger.photos import PHOTOS, extra_images
 
 logger = logging.getLogger(__name__)
@@ -39,7 +35,6 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "tagger"
 CARD_FILE = "README.md"
 EVAL_FILE = "eval.json"
-ENGINE_FILE = "model.engine"
 
 TagFn = Callable[[Sequence[Image.Image]], list[list[Tag]]]
 
@@ -129,14 +124,15 @@ ONNX vs PyTorch: same ordered top-5 tags on {metrics["onnx_top5_same"]:.0%} of
 {int8_text}
 
 ## Files
-`model.safetensors` + `config.json` (PyTorch, `Tagger.load`), `model.onnx` (`TaggerOnnx.load`; class
-labels, names and preprocessing also in its `metadata_props`), `eval.json`, `MANIFEST.json`.
+`model.safetensors` + `config.json` (PyTorch: `tagger.load(folder, runtime="torch")`), `model.onnx`
+(`tagger.load(folder, runtime="onnx")`; class labels, names and preprocessing also in its `metadata_props`),
+`eval.json`, `MANIFEST.json`.
 """
 
 
 def package_tagger(
     out_dir: str | Path,
-    tagger: Tagger,
+    net: TaggerNet,
     *,
     int8: bool = False,
     fmt: Literal["onnx", "tensorrt"] = "onnx",
@@ -146,7 +142,7 @@ def package_tagger(
 
     Args:
         out_dir: Target folder (replaced).
-        tagger: The PyTorch tagger to package.
+        net: The PyTorch network to package.
         int8: Also write ``model.int8.onnx`` and measure its agreement with the float model.
         fmt: ``onnx``, or ``tensorrt`` to also build ``model.engine`` (needs TensorRT).
         threads: ONNX Runtime intra-op threads for the measurements.
@@ -159,25 +155,18 @@ def package_tagger(
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
-    tagger.save(out)
-    config = tagger.config()
-    size = config.preprocess["crop"]
-    export_onnx(
-        tagger.net.eval(),
-        out / ONNX_FILE,
-        torch.zeros(1, 3, size, size),
-        input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME,
-        metadata=onnx_metadata(config),
-    )
-    onnx_tagger = TaggerOnnx(cpu_session(out / ONNX_FILE, threads=threads), config)
+    save_tagger(net, out)
+    export_onnx(net, out)
+    config = net.config()
+    torch_tagger = Tagger.from_net(net)
+    onnx_tagger = Tagger.from_onnx(out / ONNX_FILE, config, threads=threads)
 
     labelled = [p.image() for p in PHOTOS]
     photos = labelled + extra_images()
-    torch_eval, onnx_eval = evaluate_photos(tagger.tag), evaluate_photos(onnx_tagger.tag)
-    reference = tagger.tag(photos)
+    torch_eval, onnx_eval = evaluate_photos(torch_tagger.tag), evaluate_photos(onnx_tagger.tag)
+    reference = torch_tagger.tag(photos)
     same, _ = top5_agreement(reference, onnx_tagger.tag(photos))
-    logit_diff = float(np.abs(tagger.logits(photos).numpy() - onnx_tagger.logits(photos)).max())
+    logit_diff = float(np.abs(torch_tagger.logits(photos) - onnx_tagger.logits(photos)).max())
     metrics: dict[str, float] = {
         "test_top1": onnx_eval.top1,
         "test_top1_torch": torch_eval.top1,
@@ -186,14 +175,8 @@ def package_tagger(
         "agreement_images": float(len(photos)),
     }
     if int8:
-        quantize_int8(
-            out / ONNX_FILE,
-            out / INT8_ONNX_FILE,
-            [tagger.preprocess.batch(photos[i : i + 4]) for i in range(0, len(photos), 4)],
-            input_name=INPUT_NAME,
-            metadata=onnx_metadata(config),
-        )
-        int8_tagger = TaggerOnnx(cpu_session(out / INT8_ONNX_FILE, threads=threads), config)
+        export_int8(out, [torch_tagger.preprocess.batch(photos[i : i + 4]) for i in range(0, len(photos), 4)])
+        int8_tagger = Tagger.from_onnx(out / INT8_ONNX_FILE, config, threads=threads)
         int8_same, int8_overlap = top5_agreement(reference, int8_tagger.tag(photos))
         metrics |= {
             "int8_test_top1": evaluate_photos(int8_tagger.tag).top1,
@@ -201,9 +184,7 @@ def package_tagger(
             "int8_top5_overlap": int8_overlap,
         }
     if fmt == "tensorrt":
-        build_tensorrt_engine(
-            out / ONNX_FILE, out / ENGINE_FILE, input_name=INPUT_NAME, input_shape=(3, size, size)
-        )
+        export_tensorrt(out)
     evaluation = {
         "metric": "test_top1: share of the labelled scikit-image photos whose top-1 class is accepted",
         "onnx": onnx_eval.predictions,

@@ -4,17 +4,20 @@ Both files share the COCO layout ``{"images": [...], "annotations": [...], "cate
 a caption annotation has ``caption``, an instance annotation has ``bbox`` and ``category_id``.
 Files are told apart by what their annotations hold, not by their names, and merged by image id, so
 ``captions_val2014.json`` + ``instances_val2014.json`` (+ the train files) give one dataset.
+:func:`write_coco` writes both files back, in the layout the public dataset ships.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from snap2caption.data.files import read_annotation_file, write_if_changed
 from snap2caption.data.records import SourceBox, SourceDataset, SourceRecord
 from snap2caption.errors import BadRequest
 
@@ -25,6 +28,19 @@ _SPLIT_DIR = re.compile(r"^(train|val|test|unlabeled)\d{4}$")
 # "COCO_val2014_000000391895.jpg" names its folder; 2017 names ("000000391895.jpg") do not.
 _DIR_IN_NAME = re.compile(r"^COCO_((?:train|val|test)\d{4})_")
 _DIR_IN_ANNOTATION_NAME = re.compile(r"((?:train|val|test|unlabeled)\d{4})")
+
+# Fixed, so the files never change between runs; callers may pass their own.
+DEFAULT_INFO: dict[str, Any] = {
+    "description": "Snap2Caption export",
+    "url": "",
+    "version": "1.0",
+    "year": 2024,
+    "contributor": "Snap2Caption",
+    "date_created": "2024/01/01",
+}
+DEFAULT_LICENSE: dict[str, Any] = {"url": "", "id": 1, "name": "unspecified"}
+# COCO images carry a capture date; a constant keeps the JSON stable.
+_DATE_CAPTURED = "2024-01-01 00:00:00"
 
 
 def load_json(path: Path, what: str) -> Any:
@@ -37,15 +53,9 @@ def load_json(path: Path, what: str) -> Any:
     Raises:
         BadRequest: The file is missing, unreadable, or not JSON.
     """
+    data = read_annotation_file(path, what)
     try:
-        with path.open("rb") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise BadRequest(f"{what} annotation file not found: {path}") from None
-    except IsADirectoryError:
-        raise BadRequest(f"{what} annotation path is a directory, not a file: {path}") from None
-    except OSError as exc:
-        raise BadRequest(f"cannot read {what} annotation file {path}: {exc.strerror or exc}") from None
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} annotation file {path} is not valid JSON: {exc}") from None
 
@@ -185,3 +195,145 @@ def read(images_dir: Path, annotation_paths: Sequence[Path]) -> SourceDataset:
         records=records,
         categories=[category_names[k] for k in sorted(category_names)],
     )
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_coco(
+    records: Sequence[SourceRecord],
+    categories: Sequence[str],
+    captions_path: str | os.PathLike[str] | None,
+    instances_path: str | os.PathLike[str] | None = None,
+    *,
+    segmentations: Mapping[str, Sequence[Sequence[float] | None]] | None = None,
+    info: Mapping[str, Any] | None = None,
+    license: Mapping[str, Any] | None = None,
+) -> None:
+    """Write COCO 2014/2017 ``captions`` and/or ``instances`` JSON for the records.
+
+    Image ids are the records' ids when they are all decimal (COCO's are), else 1..N in record order.
+    ``file_name`` is the record's, relative to the images folder as in COCO. Category ids are 1-based in
+    the order of ``categories``, with ``supercategory`` ``"shape"``.
+
+    Args:
+        records: Images in the order to write them; each needs ``width`` and ``height``.
+        categories: Detection class names; every box's category must be one of them.
+        captions_path: Where to write the captions file, or None to skip it.
+        instances_path: Where to write the instances file, or None to skip it.
+        segmentations: Optional polygons per image id, one flat ``[x1, y1, x2, y2, ...]`` list (or None)
+            per box in box order. Without one a box gets ``"segmentation": []`` and ``area = w * h``.
+        info: The ``info`` block; a fixed default otherwise.
+        license: The one ``licenses`` entry (id 1) every image refers to.
+
+    Raises:
+        ValueError: On missing sizes, duplicate ids, unknown categories or mismatched segmentations.
+    """
+    if captions_path is None and instances_path is None:
+        raise ValueError("write_coco needs captions_path or instances_path")
+    ids = integer_ids(records)
+    info_block = dict(info or DEFAULT_INFO)
+    license_block = dict(license or DEFAULT_LICENSE)
+    images = [
+        _coco_image(record, image_id, license_block["id"])
+        for record, image_id in zip(records, ids, strict=True)
+    ]
+
+    if captions_path is not None:
+        caption_anns: list[dict[str, Any]] = []
+        for record, image_id in zip(records, ids, strict=True):
+            for caption in record.captions:
+                caption_anns.append({"image_id": image_id, "id": len(caption_anns) + 1, "caption": caption})
+        write_json(
+            captions_path,
+            {"info": info_block, "licenses": [license_block], "images": images, "annotations": caption_anns},
+            compact=True,
+        )
+
+    if instances_path is not None:
+        category_ids = {name: i + 1 for i, name in enumerate(categories)}
+        box_anns: list[dict[str, Any]] = []
+        for record, image_id in zip(records, ids, strict=True):
+            polygons = _polygons_for(record, segmentations)
+            for box, polygon in zip(record.boxes, polygons, strict=True):
+                if box.category not in category_ids:
+                    raise ValueError(f"image {record.image_id}: unknown category {box.category!r}")
+                x, y, w, h = box.bbox
+                area = _polygon_area(polygon) if polygon else w * h
+                box_anns.append(
+                    {
+                        "segmentation": [list(polygon)] if polygon else [],
+                        "area": round(float(area), 2),
+                        "iscrowd": 0,
+                        "image_id": image_id,
+                        "bbox": [float(x), float(y), float(w), float(h)],
+                        "category_id": category_ids[box.category],
+                        "id": len(box_anns) + 1,
+                    }
+                )
+        coco_categories = [
+            {"supercategory": "shape", "id": i, "name": name} for name, i in category_ids.items()
+        ]
+        write_json(
+            instances_path,
+            {
+                "info": info_block,
+                "licenses": [license_block],
+                "images": images,
+                "annotations": box_anns,
+                "categories": coco_categories,
+            },
+            compact=True,
+        )
+
+
+def integer_ids(records: Sequence[SourceRecord]) -> list[int]:
+    """COCO wants integer image ids: keep decimal ids, else number the records 1..N."""
+    ids = [record.image_id for record in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate image ids")
+    if all(image_id.isdecimal() for image_id in ids):
+        return [int(image_id) for image_id in ids]
+    return list(range(1, len(records) + 1))
+
+
+def _coco_image(record: SourceRecord, image_id: int, license_id: int) -> dict[str, Any]:
+    if record.width is None or record.height is None:
+        raise ValueError(f"image {record.image_id}: COCO needs width and height")
+    # Key order as in the COCO 2017 files.
+    return {
+        "license": license_id,
+        "file_name": record.file_name,
+        "coco_url": "",
+        "height": record.height,
+        "width": record.width,
+        "date_captured": _DATE_CAPTURED,
+        "flickr_url": "",
+        "id": image_id,
+    }
+
+
+def _polygons_for(
+    record: SourceRecord, segmentations: Mapping[str, Sequence[Sequence[float] | None]] | None
+) -> list[Sequence[float] | None]:
+    if segmentations is None or record.image_id not in segmentations:
+        return [None] * len(record.boxes)
+    polygons = list(segmentations[record.image_id])
+    if len(polygons) != len(record.boxes):
+        raise ValueError(f"image {record.image_id}: {len(polygons)} polygons for {len(record.boxes)} boxes")
+    return polygons
+
+
+def _polygon_area(flat: Sequence[float]) -> float:
+    """Shoelace area of a flat ``[x1, y1, x2, y2, ...]`` polygon (what COCO's ``area`` measures)."""
+    xs, ys = flat[0::2], flat[1::2]
+    n = len(xs)
+    twice = sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))
+    return abs(twice) / 2.0
+
+
+def write_json(path: str | os.PathLike[str], payload: Any, *, compact: bool) -> None:
+    """Write an annotation file as its dataset ships it, atomically and only when it changes."""
+    # COCO ships compact JSON; Karpathy's files use json.dump's default separators.
+    separators = (",", ":") if compact else (", ", ": ")
+    write_if_changed(path, json.dumps(payload, separators=separators, ensure_ascii=False).encode())

@@ -4,16 +4,18 @@ The separator is ``|`` followed by a space, and the comment is free text, so thi
 the ``csv`` module (comments hold quotes that csv would interpret). The real file has malformed rows:
 row 19,999 reads ``2199200615.jpg| 4   A dog runs ...`` with its second separator missing. Such rows
 are logged and skipped; they never stop a run. The official ``results_20130124.token`` layout
-(``1000092795.jpg#0<TAB>caption``) is read too.
+(``1000092795.jpg#0<TAB>caption``) is read too. :func:`write_flickr30k_csv` writes the Kaggle layout.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from snap2caption.data.files import read_annotation_file, write_if_changed
 from snap2caption.data.records import SourceDataset, SourceRecord
 from snap2caption.errors import BadRequest
 
@@ -42,14 +44,7 @@ def _parse_row(line: str, token_format: bool) -> tuple[str, int, str] | None:
 
 def _read_file(path: Path, rows: dict[str, list[tuple[int, str]]]) -> int:
     """Add the rows of one file to ``rows`` (image name -> [(comment number, comment)]); count skips."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadRequest(f"Flickr30K annotation file not found: {path}") from None
-    except IsADirectoryError:
-        raise BadRequest(f"Flickr30K annotation path is a directory, not a file: {path}") from None
-    except OSError as exc:
-        raise BadRequest(f"cannot read Flickr30K annotation file {path}: {exc.strerror or exc}") from None
+    data = read_annotation_file(path, "Flickr30K")
     lines = data.removeprefix(b"\xef\xbb\xbf").splitlines()
     first = next((i for i, raw in enumerate(lines) if raw.strip()), None)
     if first is None:
@@ -118,3 +113,51 @@ def read(images_dir: Path, annotation_paths: Sequence[Path]) -> SourceDataset:
         skipped,
     )
     return SourceDataset(source="flickr30k", records=records)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def flickr30k_comment(caption: str) -> str:
+    """Format a caption as the Kaggle ``results.csv`` stores it: punctuation spaced off, ending in `` .``.
+
+    The real file is tokenised text (``"Two men , one in a gray shirt , ..."``) with a space before the
+    final period; we reproduce that rather than a cleaned form so readers are tested on the real thing.
+
+    Args:
+        caption: Any caption (whitespace is collapsed).
+
+    Returns:
+        The comment field, e.g. ``"a red circle , a blue square ."``.
+
+    Raises:
+        ValueError: If the caption contains ``|``, which the format cannot represent.
+    """
+    if "|" in caption:
+        raise ValueError(f"caption contains '|', which results.csv cannot hold: {caption!r}")
+    text = " ".join(caption.split())
+    text = re.sub(r"\s*([,;:])\s*", r" \1 ", text)
+    text = " ".join(text.split())
+    ending = "."
+    if text and text[-1] in ".!?":
+        ending = text[-1]
+        text = text[:-1].rstrip()
+    return f"{text} {ending}" if text else ending
+
+
+def write_flickr30k_csv(records: Iterable[SourceRecord], path: str | os.PathLike[str]) -> None:
+    """Write the Kaggle Flickr30K ``results.csv``: ``image_name| comment_number| comment`` rows.
+
+    Separators are a pipe and a space, comments are numbered from 0 per image, and each comment is
+    formatted by :func:`flickr30k_comment` (space before the final period), as in the real file.
+
+    Args:
+        records: Images in order; ``image_name`` is the base name of each ``file_name``.
+        path: Output file.
+    """
+    lines = ["image_name| comment_number| comment"]
+    for record in records:
+        name = record.file_name.rpartition("/")[2]
+        for number, caption in enumerate(record.captions):
+            lines.append(f"{name}| {number}| {flickr30k_comment(caption)}")
+    write_if_changed(path, ("\n".join(lines) + "\n").encode())

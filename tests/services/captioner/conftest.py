@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from snap2caption.imaging import decode_image
-from snap2caption.models.artifact import save_caption_model
-from snap2caption.models.caption import CaptionConfig, CaptionModel, build_caption_model
-from snap2caption.models.tokenizer import CaptionTokenizer
+from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.config import CaptionConfig
+from snap2caption.models.caption.model import CaptionModel, build_caption_model
+from snap2caption.models.caption.tokenizer import CaptionTokenizer
 from snap2caption.registry import Registry
 from tests.helpers import COLOURS, ServiceProcess, image_bytes, torch_threads
 

@@ -25,10 +25,10 @@ from PIL import Image, ImageEnhance
 from snap2caption.data.synth import SynthConfig, generate_scene, render_scene
 from snap2caption.imaging import decode_image
 from snap2caption.imaging.decode import probe_image
-from snap2caption.models.artifact import save_caption_model
-from snap2caption.models.caption import CaptionModel
-from snap2caption.models.tokenizer import CaptionTokenizer
-from snap2caption.monitoring.drift import ALERT_THRESHOLD, build_reference, numeric_reference
+from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.model import CaptionModel
+from snap2caption.models.caption.tokenizer import CaptionTokenizer
+from snap2caption.monitoring.reference import ALERT_THRESHOLD, build_reference, numeric_reference
 from snap2caption.monitoring.stats import decoded_stats
 from snap2caption.registry import Registry
 from tests.helpers import ServiceProcess

@@ -1,4 +1,4 @@
-"""The captioner backends in-process: ONNX Runtime answers what PyTorch does, on the serving input path."""
+"""The captioner's runtimes in-process, on the serving input path: ONNX Runtime answers what PyTorch does."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.captioner.engine import DecodeOptions, load_backend, prepare_image
+from services.captioner.engine import input_spec, prepare_image
 from snap2caption.imaging import DEFAULT_LIMITS
-from snap2caption.models.artifact import save_caption_model
-from snap2caption.models.caption import CaptionModel
-from snap2caption.models.caption_onnx import export_caption_onnx
-from snap2caption.models.tokenizer import CaptionTokenizer
+from snap2caption.models import caption
+from snap2caption.models.caption import StaticOptions
+from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.export import export_onnx
+from snap2caption.models.caption.model import CaptionModel
+from snap2caption.models.caption.tokenizer import CaptionTokenizer
 from tests.services.captioner.conftest import CAPTIONS, COLOURS, IMAGE_MAX_SIDE, image_bytes
 
 
@@ -33,47 +35,44 @@ def onnx_artifact(
     """``artifact`` with its ONNX export, in a folder of its own (``artifact`` stays without one)."""
     folder = tmp_path_factory.mktemp("engine-onnx") / "artifact"
     shutil.copytree(artifact, folder)
-    export_caption_onnx(v1_model[0], folder)
+    export_onnx(v1_model[0], folder)
     return folder
 
 
-def test_the_onnx_backend_needs_the_export(artifact: Path) -> None:
+def test_the_onnx_runtime_needs_the_export(artifact: Path) -> None:
     with pytest.raises(ValueError, match=r"has no onnx/encoder\.onnx"):
-        load_backend("onnx", artifact, image_max_side=None, threads=1)
-    with pytest.raises(ValueError, match="unknown caption backend"):
-        load_backend("tensorrt", artifact, image_max_side=None, threads=1)
+        caption.load(artifact, "onnx")
+    with pytest.raises(ValueError, match="unknown caption runtime"):
+        caption.load(artifact, "tensorrt")
+    assert caption.load(artifact).runtime == "torch"  # auto, without the export
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_onnx_and_torch_backends_caption_alike(onnx_artifact: Path, num_beams: int) -> None:
-    torch_backend = load_backend("torch", onnx_artifact, image_max_side=None, threads=1)
-    onnx_backend = load_backend("onnx", onnx_artifact, image_max_side=None, threads=1)
-    assert torch_backend.spec == onnx_backend.spec and torch_backend.spec.max_side == IMAGE_MAX_SIDE
-    pixels = np.stack([prepare_image(image_bytes(c), torch_backend.spec, DEFAULT_LIMITS) for c in COLOURS])
-    options = DecodeOptions(max_new_tokens=24, num_beams=num_beams)
-    want = torch_backend.caption(pixels, options)
-    got = onnx_backend.caption(pixels, options)
+def test_onnx_and_torch_runtimes_caption_alike(onnx_artifact: Path, num_beams: int) -> None:
+    torch_runtime = caption.load(onnx_artifact, "torch")
+    onnx_runtime = caption.load(onnx_artifact)  # auto: the artifact carries the export
+    assert (torch_runtime.runtime, onnx_runtime.runtime) == ("torch", "onnx")
+    spec = input_spec(torch_runtime, None)
+    assert spec == input_spec(onnx_runtime, None) and spec.max_side == IMAGE_MAX_SIDE
+    assert input_spec(onnx_runtime, 64).max_side == 64  # the service's setting wins
+    pixels = np.stack([prepare_image(image_bytes(c), spec, DEFAULT_LIMITS) for c in COLOURS])
+    want = torch_runtime.generate(pixels, max_new_tokens=24, num_beams=num_beams)
+    got = onnx_runtime.generate(pixels, max_new_tokens=24, num_beams=num_beams)
     assert [c.text for c in want] == CAPTIONS  # the overfitted model says what it was taught
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert [c.confidence for c in got] == pytest.approx([c.confidence for c in want], abs=1e-4)
 
 
-def test_torch_backend_with_the_static_decoder_captions_alike(artifact: Path) -> None:
+def test_torch_runtime_with_the_static_decoder_captions_alike(artifact: Path) -> None:
     """The GPU path's static-cache decoder, on CPU in float32 (no CUDA graphs here): same captions."""
-    from services.captioner.engine import StaticOptions
-
-    plain = load_backend("torch", artifact, image_max_side=None, threads=1)
-    static = load_backend(
-        "torch",
+    plain = caption.load(artifact, "torch")
+    static = caption.load(
         artifact,
-        image_max_side=None,
-        threads=1,
+        "torch",
         static=StaticOptions(enabled=True, dtype="float32", cuda_graphs=True, max_batch=4, max_beams=3),
     )
-    pixels = (
-        np.random.default_rng(0).standard_normal((3, *plain.spec.preprocess.output_shape)).astype(np.float32)
-    )
+    pixels = np.random.default_rng(0).standard_normal((3, *plain.preprocess.output_shape)).astype(np.float32)
     for beams in (1, 3):
-        options = DecodeOptions(12, beams)
-        got, want = static.caption(pixels, options), plain.caption(pixels, options)
+        got = static.generate(pixels, max_new_tokens=12, num_beams=beams)
+        want = plain.generate(pixels, max_new_tokens=12, num_beams=beams)
         assert [c.token_ids for c in got] == [c.token_ids for c in want]

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from snap2caption.models.caption import CaptionModel
-from snap2caption.models.tokenizer import CaptionTokenizer
+from snap2caption.models.caption.model import CaptionModel
+from snap2caption.models.caption.tokenizer import CaptionTokenizer
 from tests.helpers import wait_for
 from tests.services.captioner.conftest import COLOURS, MODEL, Deployment, image_bytes
 

@@ -5,7 +5,8 @@ all over an image (the trick of ``tests/snap2caption/models/test_detector.py``);
 test encoder with a six-class head and ImageNet labels, packaged as the real tagger is
 (``training.tagger.package.package_tagger``: safetensors, ONNX, card, manifest). Neither says anything
 true about an image; what the tests check is that the service gives exactly what a direct ``Detector`` /
-``TaggerOnnx`` call gives on the same decoded image, for every client, under load.
+``Tagger`` call (``detector.load`` / ``tagger.load``, same runtime) gives on the same decoded image, for
+every client, under load.
 
 Two processes, started side by side:
 
@@ -32,9 +33,13 @@ import torch
 from PIL import Image
 
 from snap2caption.imaging import decode_image
-from snap2caption.models.detector import Detection, Detector, DetectorConfig
+from snap2caption.manifest import write_manifest
+from snap2caption.models import detector as detector_model
+from snap2caption.models import tagger as tagger_model
+from snap2caption.models.detector import Detection, Detector
+from snap2caption.models.detector.config import DetectorConfig
 from snap2caption.models.tagger import Tag, Tagger
-from snap2caption.registry import Registry, write_manifest
+from snap2caption.registry import Registry
 from tests.helpers import ServiceProcess, torch_threads
 
 CLASS_NAMES = ["circle", "square", "star"]
@@ -62,8 +67,8 @@ def noise_image(width: int, height: int, seed: int, fmt: str = "PNG", exif_orien
 
 def random_detector(folder: Path) -> Path:
     """A registrable YOLOv8n artifact (64 px, 3 classes) whose random weights give many varied boxes."""
-    from snap2caption.models import yolo
-    from training.detection.export import write_artifact
+    from snap2caption.models.detector import yolo
+    from snap2caption.models.detector.artifact import write_artifact
 
     torch.manual_seed(0)
     cfg = yolo.model_yaml("yolov8n.yaml")
@@ -86,11 +91,12 @@ def random_detector(folder: Path) -> Path:
 def tiny_tagger(folder: Path) -> tuple[Path, dict[str, float]]:
     """The tiny test encoder with a six-class head, packaged and measured as the real tagger is."""
     from snap2caption.models.backbones import build_encoder
+    from snap2caption.models.tagger.net import TaggerNet
     from training.tagger.package import package_tagger
 
     torch.manual_seed(0)
-    tagger = Tagger(build_encoder("tiny", num_classes=len(TAG_LABELS)), TAG_LABELS, TAG_NAMES)
-    return package_tagger(folder, tagger)
+    net = TaggerNet(build_encoder("tiny", num_classes=len(TAG_LABELS)), TAG_LABELS, TAG_NAMES)
+    return package_tagger(folder, net)
 
 
 @dataclass
@@ -98,8 +104,8 @@ class Deployment:
     """A running detector service and the artifacts it serves, for expectations from direct calls."""
 
     service: ServiceProcess
-    detector: Any  # a Detector on the runtime the service uses
-    tagger: Any  # a TaggerOnnx or Tagger, likewise
+    detector: Detector  # on the runtime the service uses
+    tagger: Tagger  # likewise
     _objects: dict[tuple[bytes, float, float, int], list[Detection]] = field(default_factory=dict)
 
     def expected_objects(
@@ -230,8 +236,8 @@ def _services(artifacts: Artifacts) -> Iterator[tuple[ServiceProcess, ServicePro
         env=_env(
             artifacts,
             "tight",
-            detector_backend="torch",
-            tagger_backend="torch",
+            detector_runtime="torch",
+            tagger_backend="torch",  # the setting's older name, still read
             max_queue="1",
             max_images_per_request="1",
             max_batch_size="2",
@@ -256,14 +262,18 @@ def _services(artifacts: Artifacts) -> Iterator[tuple[ServiceProcess, ServicePro
 @pytest.fixture(scope="session")
 def deployment(artifacts: Artifacts, _services: tuple[ServiceProcess, ServiceProcess]) -> Deployment:
     """The default service (ONNX Runtime), with ONNX Runtime models for the expectations."""
-    from snap2caption.models.tagger_onnx import TaggerOnnx
-
     return Deployment(
-        _services[0], Detector.load(artifacts.detector, "onnx"), TaggerOnnx.load(artifacts.tagger)
+        _services[0],
+        detector_model.load(artifacts.detector, "onnx"),
+        tagger_model.load(artifacts.tagger, "onnx"),
     )
 
 
 @pytest.fixture(scope="session")
 def tight(artifacts: Artifacts, _services: tuple[ServiceProcess, ServiceProcess]) -> Deployment:
     """The PyTorch service with a queue of one image, with PyTorch models for the expectations."""
-    return Deployment(_services[1], Detector.load(artifacts.detector, "torch"), Tagger.load(artifacts.tagger))
+    return Deployment(
+        _services[1],
+        detector_model.load(artifacts.detector, "torch"),
+        tagger_model.load(artifacts.tagger, "torch"),
+    )

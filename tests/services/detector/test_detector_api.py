@@ -250,3 +250,68 @@ def test_a_full_queue_answers_503_with_retry_after(tight: Deployment) -> None:
     assert (
         tight.metric("snap2caption_batcher_rejected_total", model="detector", reason="overloaded") or 0
     ) >= 1
+
+
+def test_analyze_answers_what_detect_and_tags_answer_from_one_call(deployment: Deployment) -> None:
+    images = [noise_image(50 + 9 * i, 70 - 6 * i, seed=40 + i, fmt="JPEG" if i else "PNG") for i in range(3)]
+    files = [("files", (f"{i}.img", data, "application/octet-stream")) for i, data in enumerate(images)]
+    params = {"conf": 0.3, "max_det": 7, "top_k": 3, "min_score": 0.01}
+    response = deployment.post("/v1/analyze", files=files, params=params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"tags", "objects"}
+    objects = deployment.post("/v1/detect", files=files, params={"conf": 0.3, "max_det": 7}).json()
+    tags = deployment.post("/v1/tags", files=files, params={"top_k": 3, "min_score": 0.01}).json()
+    for got, alone in ((body["objects"], objects), (body["tags"], tags)):
+        assert set(got) == set(alone) and set(got["timings"]) == set(alone["timings"])
+        assert (got["model"], got["options"]) == (alone["model"], alone["options"])
+        for result, result_alone in zip(got["results"], alone["results"], strict=True):
+            assert set(result) == set(result_alone)
+            assert (result["index"], result["filename"], result["image"]) == (
+                result_alone["index"],
+                result_alone["filename"],
+                result_alone["image"],
+            )
+    for i, data in enumerate(images):
+        assert_same_objects(
+            body["objects"]["results"][i]["objects"],
+            deployment.expected_objects(data, conf=0.3, max_det=7),
+        )
+        assert_same_tags(
+            body["tags"]["results"][i]["tags"], deployment.expected_tags(data, top_k=3, min_score=0.01)
+        )
+
+
+def test_analyze_answers_only_the_features_asked_for(deployment: Deployment) -> None:
+    data = noise_image(60, 45, seed=8)
+    tags_only = deployment.post("/v1/analyze", data, params={"features": "tags", "top_k": 2})
+    assert tags_only.status_code == 200, tags_only.text
+    assert set(tags_only.json()) == {"tags"}
+    assert_same_tags(tags_only.json()["tags"]["results"][0]["tags"], deployment.expected_tags(data, top_k=2))
+    objects_only = deployment.post("/v1/analyze", data, params={"features": " objects "})
+    assert objects_only.status_code == 200, objects_only.text
+    assert set(objects_only.json()) == {"objects"}
+    assert_same_objects(
+        objects_only.json()["objects"]["results"][0]["objects"], deployment.expected_objects(data)
+    )
+    both = deployment.post("/v1/analyze", data, params={"features": "objects,tags"})
+    assert set(both.json()) == {"tags", "objects"}
+
+
+def test_analyze_refuses_bad_input_with_one_error(deployment: Deployment) -> None:
+    ok = noise_image(40, 30, seed=9)
+    for features in ("captions", "tags,boxes", "", ","):
+        message = assert_envelope(
+            deployment.post("/v1/analyze", ok, params={"features": features}), 400, "bad_request"
+        )
+        assert "tags,objects" in message
+    assert "empty body" in assert_envelope(deployment.post("/v1/analyze", b""), 400, "bad_request")
+    assert_envelope(deployment.post("/v1/analyze", b"%PDF-1.7 not an image"), 415, "unsupported_format")
+    assert_envelope(deployment.post("/v1/analyze", ok[:60]), 422, "corrupt_image")
+    mixed = [("files", ("ok.png", ok)), ("files", ("bad.gif", b"GIF89a"))]
+    assert assert_envelope(deployment.post("/v1/analyze", files=mixed), 422, "corrupt_image").startswith(
+        "image 1:"
+    )
+    for params in ({"top_k": 51}, {"max_det": 301}, {"conf": 1.5}, {"min_score": -1}):
+        assert_envelope(deployment.post("/v1/analyze", ok, params=params), 400, "bad_request")
+    assert_envelope(deployment.post("/v1/analyze", ok, params={"timeout_ms": 1}), 504, "timeout")

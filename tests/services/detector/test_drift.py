@@ -12,9 +12,10 @@ from pathlib import Path
 from services.detector.config import Settings
 from services.detector.engine import DetectorEngine
 from snap2caption.imaging import decode_image
-from snap2caption.monitoring.drift import ALERT_THRESHOLD, build_reference, write_reference
+from snap2caption.manifest import write_manifest
+from snap2caption.monitoring.reference import ALERT_THRESHOLD, build_reference, write_reference
 from snap2caption.monitoring.stats import decoded_stats
-from snap2caption.registry import Registry, write_manifest
+from snap2caption.registry import Registry
 from tests.services.detector.conftest import Artifacts, noise_image
 
 
@@ -55,11 +56,11 @@ def test_detect_images_feed_the_monitor_against_the_artifacts_reference(
             assert drift["enabled"] is True and drift["samples"] == 0, drift
             options = engine.detect_options(None, None, None)
             same = [noise_image(64, 48, seed=1000 + s) for s in range(50)]
-            await engine.prepare_detect(same, options)
+            await engine.prepare(same, objects=options)
             psi = engine.drift.monitor.psi_values()
             assert psi["width"] < 0.1 and psi["aspect"] < 0.1 and psi["format"] < 0.1, psi
             wide = [noise_image(160, 40, seed=2000 + s, fmt="JPEG") for s in range(50)]  # another shape
-            await engine.prepare_detect(wide, options)
+            await engine.prepare(wide, objects=options)
             drift = engine.readiness().checks["detector"]["drift"]
             assert drift["samples"] == 50
             assert {"width", "aspect", "format"} <= set(drift["drifting"]), drift

@@ -1,36 +1,36 @@
-"""The detector engine in-process: backend choice, settings checks, readiness with one model missing."""
+"""The detector engine in-process: settings checks, readiness with one model missing, one decode per image."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from services.detector import engine as engine_module
 from services.detector.config import Settings
-from services.detector.engine import DetectOptions, DetectorEngine, resolve_backend
+from services.detector.engine import DetectOptions, DetectorEngine, ObjectsResult, TagsResult
 from snap2caption.errors import NotReady
-from tests.services.detector.conftest import Artifacts
-
-
-def test_auto_backend_prefers_onnx_when_the_artifact_has_it(tmp_path: Path) -> None:
-    assert resolve_backend("auto", tmp_path, "model.onnx") == "torch"
-    (tmp_path / "model.onnx").write_bytes(b"")
-    assert resolve_backend("auto", tmp_path, "model.onnx") == "onnx"
-    assert resolve_backend("torch", tmp_path, "model.onnx") == "torch"
-    assert resolve_backend("onnx", tmp_path / "missing", "model.onnx") == "onnx"
+from snap2caption.imaging import decode_image
+from snap2caption.models import detector as detector_model
+from snap2caption.models import tagger as tagger_model
+from tests.services.detector.conftest import Artifacts, assert_same_objects, assert_same_tags, noise_image
 
 
 def test_settings_defaults_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert (settings.port, settings.detector_model, settings.tagger_model) == (8002, "detector", "tagger")
-    assert (settings.detector_alias, settings.detector_backend) == ("production", "auto")
+    assert (settings.detector_alias, settings.detector_runtime) == ("production", "auto")
     monkeypatch.setenv("SNAP2CAPTION_DETECTOR_TAGGER_ALIAS", "candidate")
     monkeypatch.setenv("SNAP2CAPTION_DETECTOR_MAX_QUEUE", "64")
+    monkeypatch.setenv("SNAP2CAPTION_DETECTOR_DETECTOR_RUNTIME", "torch")
+    monkeypatch.setenv("SNAP2CAPTION_DETECTOR_TAGGER_BACKEND", "onnx")  # the older name still works
     settings = Settings()
     assert (settings.tagger_alias, settings.max_queue) == ("candidate", 64)
+    assert (settings.detector_runtime, settings.tagger_runtime) == ("torch", "onnx")
     with pytest.raises(ValidationError, match="max_det must be <= max_det_limit"):
         Settings(max_det=500, max_det_limit=300)
     with pytest.raises(ValidationError, match="top_k must be <= top_k_limit"):
@@ -38,7 +38,7 @@ def test_settings_defaults_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ValidationError, match="max_images_per_request must be <= max_batch_size"):
         Settings(max_images_per_request=16, max_batch_size=8)
     with pytest.raises(ValidationError):
-        Settings(detector_backend="tensorrt")
+        Settings(detector_runtime="tensorrt")
 
 
 def test_ready_only_when_both_models_are_loaded(artifacts: Artifacts, tmp_path: Path) -> None:
@@ -70,3 +70,56 @@ def test_ready_only_when_both_models_are_loaded(artifacts: Artifacts, tmp_path: 
             await engine.close(1)
 
     asyncio.run(scenario())
+
+
+def test_analyze_decodes_each_image_once_for_both_models(
+    artifacts: Artifacts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/v1/analyze``'s path: one decode per image feeds the detector's letterbox and the tagger's
+    preprocessing, and each model answers what a direct call on that image gives."""
+    decoded: list[bytes] = []
+
+    def counting_decode(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(data)
+        return decode_image(data, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_image", counting_decode)
+    images = [noise_image(40 + 7 * i, 30 + 5 * i, seed=300 + i) for i in range(3)]
+    settings = Settings(tracking_uri=artifacts.uri, model_cache_dir=tmp_path, poll_interval_s=0)
+
+    async def scenario() -> tuple[list[ObjectsResult], list[TagsResult]]:
+        engine = DetectorEngine(settings)
+        engine.start()
+        try:
+            deadline = time.monotonic() + 60
+            while engine.detector.store.current is None or engine.tagger.store.current is None:
+                assert time.monotonic() < deadline, engine.readiness()
+                await asyncio.sleep(0.05)
+            objects_options = engine.detect_options(None, None, None)
+            tags_options = engine.tag_options(3, None)
+            prepared = await engine.prepare(images, objects=objects_options, tags=tags_options)
+            assert sorted(decoded) == sorted(images)  # each image once, for both models
+            objects, tags = await engine.analyze(prepared, time.monotonic() + 30)
+            assert objects is not None and tags is not None
+            return list(objects.outputs), list(tags.outputs)
+        finally:
+            await engine.close(1)
+
+    objects, tags = asyncio.run(scenario())
+    detector = detector_model.load(artifacts.detector, "onnx")
+    tagger = tagger_model.load(artifacts.tagger, "onnx")
+    for data, found, tagged in zip(images, objects, tags, strict=True):
+        image = decode_image(data).image
+        assert_same_objects(
+            [
+                {
+                    "label": d.class_name,
+                    "class_id": d.class_id,
+                    "score": d.score,
+                    "box": dict(zip(("x1", "y1", "x2", "y2"), d.box_xyxy, strict=True)),
+                }
+                for d in found.objects
+            ],
+            detector.detect([image])[0],
+        )
+        assert_same_tags([t.to_dict() for t in tagged.tags], tagger.tag([image], top_k=3)[0])

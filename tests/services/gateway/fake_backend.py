@@ -7,9 +7,12 @@ fail with 500) that the real model services show only under load nobody can sche
 uvicorn process on a loopback port and speaks the real backends' wire format (what
 ``services.gateway.engine`` parses).
 
-``PUT /_fake`` sets the behaviour of every model route (``delay_s``, ``status``, ``code``, ``retry_after``)
-and forgets what was seen; ``GET /_fake`` returns what was seen: calls per route and the ``timeout_ms`` each
-call carried. ``GET /image.png`` serves an image after ``delay_s`` too (a slow host for URL requests).
+Model routes: the captioner's ``/v1/caption``, and the detector's ``/v1/analyze`` (tags and objects from
+one call: ``{"tags": <a /v1/tags answer>, "objects": <a /v1/detect answer>}``, the parts ``features=``
+names, default both). ``PUT /_fake`` sets the behaviour of every model route (``delay_s``, ``status``,
+``code``, ``retry_after``) and forgets what was seen; ``GET /_fake`` returns what was seen: calls per route,
+the ``timeout_ms`` each call carried and each call's query. ``GET /image.png`` serves an image after
+``delay_s`` too (a slow host for URL requests).
 """
 
 from __future__ import annotations
@@ -36,13 +39,21 @@ HEALTHY = {"delay_s": 0.0, "status": 200, "code": None, "retry_after": None}
 
 app = FastAPI()
 app.state.behaviour = dict(HEALTHY)
-app.state.seen = {"calls": {}, "timeout_ms": []}
+TAGS = [{"name": "tabby", "score": 0.8, "hashtag": "#tabby"}]
+OBJECTS = [{"label": "cat", "score": 0.7, "box": {"x1": 1.0, "y1": 1.0, "x2": 5.0, "y2": 5.0}}]
+
+
+def _nothing_seen() -> dict[str, Any]:
+    return {"calls": {}, "timeout_ms": [], "queries": []}
+
+
+app.state.seen = _nothing_seen()
 
 
 @app.put("/_fake")
 async def set_behaviour(request: Request) -> dict[str, Any]:
     app.state.behaviour = {**HEALTHY, **(await request.json())}
-    app.state.seen = {"calls": {}, "timeout_ms": []}
+    app.state.seen = _nothing_seen()
     return dict(app.state.behaviour)
 
 
@@ -57,18 +68,24 @@ async def ready() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _answer(route: str, request: Request, result: dict[str, Any]) -> Any:
+def _answer_of(result: dict[str, Any]) -> dict[str, Any]:
+    """A model route's answer for one image."""
+    return {"model": MODEL, "results": [{"index": 0, **result}]}
+
+
+async def _answer(route: str, request: Request, answer: dict[str, Any]) -> Any:
     await request.body()
     seen = app.state.seen
     seen["calls"][route] = seen["calls"].get(route, 0) + 1
     seen["timeout_ms"].append(int(request.query_params.get("timeout_ms", "0")))
+    seen["queries"].append(dict(request.query_params))
     behaviour = app.state.behaviour
     await asyncio.sleep(behaviour["delay_s"])
     if behaviour["status"] != 200:
         headers = {} if behaviour["retry_after"] is None else {"Retry-After": str(behaviour["retry_after"])}
         error = {"code": behaviour["code"] or "backend_error", "message": "scripted", "request_id": "-"}
         return JSONResponse({"error": error}, status_code=behaviour["status"], headers=headers)
-    return {"model": MODEL, "results": [{"index": 0, **result}]}
+    return answer
 
 
 @app.get("/image.png")
@@ -80,18 +97,16 @@ async def image() -> Response:
 
 @app.post("/v1/caption")
 async def caption(request: Request) -> Any:
-    return await _answer("caption", request, {"caption": "a fake cat on a mat", "confidence": 0.9})
+    return await _answer(
+        "caption", request, _answer_of({"caption": "a fake cat on a mat", "confidence": 0.9})
+    )
 
 
-@app.post("/v1/tags")
-async def tags(request: Request) -> Any:
-    return await _answer("tags", request, {"tags": [{"name": "tabby", "score": 0.8, "hashtag": "#tabby"}]})
-
-
-@app.post("/v1/detect")
-async def detect(request: Request) -> Any:
-    box = {"x1": 1.0, "y1": 1.0, "x2": 5.0, "y2": 5.0}
-    return await _answer("detect", request, {"objects": [{"label": "cat", "score": 0.7, "box": box}]})
+@app.post("/v1/analyze")
+async def analyze(request: Request) -> Any:
+    parts = {"tags": _answer_of({"tags": TAGS}), "objects": _answer_of({"objects": OBJECTS})}
+    asked = request.query_params.get("features", "tags,objects").split(",")
+    return await _answer("analyze", request, {part: parts[part] for part in asked})
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -133,7 +148,8 @@ class FakeBackend:
         httpx.put(f"{self.url}/_fake", json=behaviour, timeout=5).raise_for_status()
 
     def seen(self) -> dict[str, Any]:
-        """``{"calls": {route: n}, "timeout_ms": [...]}`` since the last :meth:`behave`."""
+        """``{"calls": {route: n}, "timeout_ms": [...], "queries": [{param: value}, ...]}`` since the last
+        :meth:`behave`, calls in the order they arrived."""
         answer: dict[str, Any] = httpx.get(f"{self.url}/_fake", timeout=5).json()
         return answer
 

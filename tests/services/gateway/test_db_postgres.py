@@ -14,8 +14,8 @@ from sqlalchemy import Engine, func, select
 
 from services.gateway.auth import KeyStore
 from services.gateway.db import feedback, inference_log, make_engine
-from services.gateway.feedback import export_feedback
 from services.gateway.inference_log import InferenceLogWriter, InferenceRecord
+from snap2caption.data.feedback_export import export_feedback
 
 pytestmark = pytest.mark.integration
 

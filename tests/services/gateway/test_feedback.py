@@ -31,7 +31,7 @@ from services.gateway.feedback import router
 from services.gateway.inference_log import InferenceLogWriter, InferenceRecord
 from snap2caption.cli import main
 from snap2caption.data.etl import EtlConfig, run_etl
-from snap2caption.service import create_app
+from snap2caption.http import create_app
 from tests.gateway_stack import Stack, assert_envelope
 from tests.helpers import image_bytes, wait_for
 

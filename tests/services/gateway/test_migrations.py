@@ -42,9 +42,9 @@ from sqlalchemy.exc import IntegrityError
 
 from services.gateway import migrations
 from services.gateway.db import api_keys, feedback, inference_log, make_engine, metadata
-from services.gateway.feedback import export_feedback
 from services.gateway.inference_log import new_inference_id
 from snap2caption.cli import main
+from snap2caption.data.feedback_export import export_feedback
 from tests.helpers import wait_for
 
 # ------------------------------------------------------------------------------ the schema before 0002

@@ -16,11 +16,11 @@ from snap2caption.cli.bootstrap import (
     missing_models,
     starter_steps,
 )
-from snap2caption.cli.train import _caption_config
 from snap2caption.launcher import LaunchError
-from snap2caption.models.artifact import write_manifest
+from snap2caption.manifest import write_manifest
 from snap2caption.registry import GATES, Registry
-from training.detection.config import load_config
+from training.caption.config import CaptionRunConfig
+from training.detector.config import DetectorRunConfig
 
 
 def _overrides(command: tuple[str, ...]) -> tuple[str, ...]:
@@ -39,28 +39,28 @@ def test_every_starter_command_is_a_valid_config(tmp_path: Path) -> None:
     assert steps["captioner"].stage == steps["detector"].stage and not steps["captioner-features"].registers
     features, caption_cmd = steps["captioner-features"].command, steps["captioner"].command
     assert _option(features, "--out") == _option(caption_cmd, "--features")  # training reads that cache
-    for_features = _caption_config("starter", _overrides(features))
-    caption = _caption_config("starter", _overrides(caption_cmd))
+    for_features = CaptionRunConfig.load("starter", _overrides(features))
+    caption = CaptionRunConfig.load("starter", _overrides(caption_cmd))
     # The cache is keyed by the encoder and how features are made: both commands must agree on them.
     assert for_features.model.encoder == caption.model.encoder
     assert (for_features.train.feature_dtype, for_features.train.feature_runtime) == (
         caption.train.feature_dtype,
         caption.train.feature_runtime,
     )
-    detector = load_config("starter", _overrides(steps["detector"].command))
+    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].command))
     # The budget goes to the two trainings, one thread each, on top of the first stage's share.
-    assert caption.train.time_budget_min == detector.time_budget_min == pytest.approx(7.0)
-    assert for_features.train.threads == caption.train.threads == detector.threads == 1
-    assert detector.data == str(tmp_path / "data")
+    assert caption.train.time_budget_min == detector.train.time_budget_min == pytest.approx(7.0)
+    assert for_features.train.threads == caption.train.threads == detector.train.threads == 1
+    assert detector.run.data == str(tmp_path / "data")
 
 
 def test_a_fixed_number_of_caption_steps_replaces_its_time_budget(tmp_path: Path) -> None:
     settings = BootstrapSettings(minutes=2.5, captioner_steps=30)
     steps = {s.name: s for s in starter_steps(tmp_path / "out", tmp_path / "data", settings)}
-    caption = _caption_config("starter", _overrides(steps["captioner"].command))
+    caption = CaptionRunConfig.load("starter", _overrides(steps["captioner"].command))
     assert (caption.train.max_steps, caption.train.time_budget_min) == (30, 0)
-    detector = load_config("starter", _overrides(steps["detector"].command))
-    assert detector.time_budget_min == 1.0  # the detector keeps the budget (at least one epoch)
+    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].command))
+    assert detector.train.time_budget_min == 1.0  # the detector keeps the budget (at least one epoch)
 
 
 def test_missing_models_reads_the_registry(tmp_path: Path, mlflow_template_db: Path) -> None:

@@ -14,8 +14,9 @@ from click.testing import CliRunner, Result
 
 from snap2caption.cli import main
 from snap2caption.cli.registry import GATE_REFUSED_EXIT
-from snap2caption.registry import TAG_MANIFEST_SHA256, Registry
-from tests.snap2caption.test_registry import files_of, make_model
+from snap2caption.registry import Registry
+from snap2caption.registry.versions import TAG_MANIFEST_SHA256
+from tests.snap2caption.registry.helpers import files_of, make_model
 
 
 @pytest.fixture
@@ -92,3 +93,16 @@ def test_push_with_nothing_to_push_is_one_clear_error(registries: list[Registry]
     assert result.exit_code == 1
     assert "Error: no model has the alias 'production'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_push_of_tampered_files_is_one_clear_error(registries: list[Registry], tmp_path: Path) -> None:
+    source, target = registries
+    info = source.register("captioner", make_model(tmp_path / "m", "tamper"), metrics={"test_cider_d": 1.0})
+    source.promote("captioner")
+    (Path(info.source.removeprefix("file://")) / "model.safetensors").write_bytes(b"evil weights")
+
+    result = push(source, target, "captioner")
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "model.safetensors was modified" in result.output
+    assert "Traceback" not in result.output
+    assert target.list_models() == []  # nothing registered there

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from snap2caption.data.records import SourceBox, SourceRecord
-from snap2caption.data.writers import (
-    default_split,
+from snap2caption.data.formats import (
     flickr30k_comment,
     karpathy_tokens,
     write_coco,
     write_flickr30k_csv,
     write_karpathy,
 )
+from snap2caption.data.records import SourceBox, SourceRecord, default_split
 
 CAPTIONS = [
     "A man with a red helmet on a small moped on a dirt road.",

@@ -119,7 +119,7 @@ def test_python_scorers_equal_pycocoevalcap_scorers(corpus: str) -> None:
 def test_identical_prediction_scores_full_marks() -> None:
     caption = "a man riding a horse on the beach at sunset"
     refs = {"a": [caption, "a horse"], "b": ["a plate of food", "two dogs playing in the snow"]}
-    scores = evaluate_captions(refs, {"a": caption, "b": "two dogs playing in the snow"}, backend="python")
+    scores = evaluate_captions(refs, {"a": caption, "b": "two dogs playing in the snow"}, scorer="python")
     # 1 - ~1e-9, not exactly 1: coco-caption's smoothing constants (see bleu.py).
     for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
         assert scores[name] == pytest.approx(1.0, abs=1e-6), name
@@ -128,7 +128,7 @@ def test_identical_prediction_scores_full_marks() -> None:
 def test_disjoint_prediction_scores_zero() -> None:
     refs = {"a": ["a red bus on a street"], "b": ["a cat on a sofa"]}
     scores = evaluate_captions(
-        refs, {"a": "green mountains under snow", "b": "two dogs playing"}, backend="python"
+        refs, {"a": "green mountains under snow", "b": "two dogs playing"}, scorer="python"
     )
     for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"):
         assert 0 <= scores[name] < 1e-9, name
@@ -181,22 +181,22 @@ def test_tokenizer_examples(raw: str, tokens: str) -> None:
 
 
 def test_metric_subset_and_order() -> None:
-    scores = evaluate_captions(REFS, PREDS, backend="python", metrics=["CIDEr-D", "BLEU-4"])
+    scores = evaluate_captions(REFS, PREDS, scorer="python", metrics=["CIDEr-D", "BLEU-4"])
     assert list(scores) == ["BLEU-4", "CIDEr-D"]
     assert scores.cider_per_image.keys() == REFS.keys()
-    assert evaluate_captions(REFS, PREDS, backend="python", metrics=["BLEU-1"]).cider_per_image == {}
+    assert evaluate_captions(REFS, PREDS, scorer="python", metrics=["BLEU-1"]).cider_per_image == {}
 
 
 def test_auto_without_java_falls_back_to_python(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(caption_module, "java_available", lambda: False)
     scores = evaluate_captions(REFS, PREDS)
     assert isinstance(scores, CaptionScores)
-    assert scores.backend == "python"
+    assert scores.scorer == "python"
     assert tuple(scores) == PYTHON_METRICS
     with pytest.raises(JavaUnavailable):
         evaluate_captions(REFS, PREDS, metrics=["METEOR"])
     with pytest.raises(JavaUnavailable):
-        evaluate_captions(REFS, PREDS, backend="pycocoevalcap")
+        evaluate_captions(REFS, PREDS, scorer="pycocoevalcap")
 
 
 @pytest.mark.parametrize(
@@ -206,13 +206,13 @@ def test_auto_without_java_falls_back_to_python(monkeypatch: pytest.MonkeyPatch)
         ({"references": {**REFS, "exact": []}}, ValueError, "non-empty list"),
         ({"references": {**REFS, "exact": "a man surfing"}}, ValueError, "non-empty list"),
         ({"metrics": ["CIDEr"]}, ValueError, "did you mean 'CIDEr-D'"),
-        ({"metrics": ["METEOR"], "backend": "python"}, ValueError, "METEOR needs"),
-        ({"backend": "java"}, ValueError, "unknown backend"),
+        ({"metrics": ["METEOR"], "scorer": "python"}, ValueError, "METEOR needs"),
+        ({"scorer": "java"}, ValueError, "unknown scorer"),
         ({"predictions": {**PREDS, "punctuation_only": None}}, TypeError, "must be strings"),
     ],
 )
 def test_rejects_bad_input(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
-    arguments: dict[str, Any] = {"references": REFS, "predictions": PREDS, "backend": "python", **kwargs}
+    arguments: dict[str, Any] = {"references": REFS, "predictions": PREDS, "scorer": "python", **kwargs}
     with pytest.raises(error, match=message):
         evaluate_captions(**arguments)
 
@@ -253,14 +253,14 @@ def meteor() -> Iterator[MeteorScorer]:
 
 @pytest.fixture(scope="module")
 def coco_scores(meteor: MeteorScorer) -> CaptionScores:
-    return evaluate_captions(REFS, PREDS, backend="pycocoevalcap", meteor=meteor)
+    return evaluate_captions(REFS, PREDS, scorer="pycocoevalcap", meteor=meteor)
 
 
 @needs_java
 @pytest.mark.slow  # shares one METEOR JVM: ~10 s to start and load its tables
-def test_backends_agree(coco_scores: CaptionScores) -> None:
-    python = evaluate_captions(REFS, PREDS, backend="python")
-    assert (coco_scores.backend, python.backend) == ("pycocoevalcap", "python")
+def test_scorers_agree(coco_scores: CaptionScores) -> None:
+    python = evaluate_captions(REFS, PREDS, scorer="python")
+    assert (coco_scores.scorer, python.scorer) == ("pycocoevalcap", "python")
     assert tuple(coco_scores) == METRICS
     for name in PYTHON_METRICS:
         assert python[name] == pytest.approx(coco_scores[name], abs=TOL), name
@@ -308,7 +308,7 @@ def test_evaluate_twice_reuses_meteor_then_close_stops_it(
     # Last in the module: it closes the shared process.
     pid = meteor.pid
     assert pid is not None
-    again = evaluate_captions(REFS, PREDS, backend="pycocoevalcap", meteor=meteor)
+    again = evaluate_captions(REFS, PREDS, scorer="pycocoevalcap", meteor=meteor)
     assert again == coco_scores
     assert again.cider_per_image == coco_scores.cider_per_image
     assert meteor.pid == pid

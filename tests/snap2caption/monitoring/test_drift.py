@@ -1,30 +1,16 @@
-"""PSI, reference histograms, the sliding-window monitor and its gauges, the per-version glue."""
+"""The sliding-window monitor and its gauges, and the per-version glue (``snap2caption.monitoring.drift``)."""
 
 from __future__ import annotations
 
 import itertools
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from snap2caption.monitoring.drift import (
-    REFERENCE_FILE,
-    DriftMonitor,
-    DriftReference,
-    DriftReferenceError,
-    FeatureReference,
-    ModelDrift,
-    build_reference,
-    categorical_reference,
-    numeric_reference,
-    psi,
-    read_reference,
-    write_reference,
-)
+from snap2caption.monitoring.drift import DriftMonitor, ModelDrift
+from snap2caption.monitoring.reference import REFERENCE_FILE, DriftReference, build_reference, write_reference
 
 _services = itertools.count()
 
@@ -36,113 +22,6 @@ def _service() -> str:
 
 def _gauge(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
-
-
-# ------------------------------------------------------------------------------------------------ PSI
-
-
-def test_psi_known_value() -> None:
-    # (0.9 - 0.5) ln(0.9 / 0.5) + (0.1 - 0.5) ln(0.1 / 0.5) = 0.4 ln 1.8 + 0.4 ln 5
-    expected = 0.4 * math.log(1.8) + 0.4 * math.log(5.0)
-    assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(expected, rel=1e-3)
-    assert psi([0.5, 0.5], [0.9, 0.1], epsilon=0.0) == pytest.approx(expected, rel=1e-12)
-
-
-def test_psi_takes_counts_and_is_zero_for_identical_distributions() -> None:
-    assert psi([10, 30, 60], [1, 3, 6]) == pytest.approx(0.0, abs=1e-12)
-    assert psi([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_psi_of_disjoint_distributions_is_large_but_finite() -> None:
-    value = psi([1, 0], [0, 1])
-    assert math.isfinite(value) and value > 10  # about 2 ln(1 / epsilon)
-    # A bin empty in the reference only: still finite thanks to the smoothing.
-    assert 0.25 < psi([0.5, 0.5, 0.0], [0.4, 0.4, 0.2]) < 10
-
-
-def test_psi_is_symmetric_in_its_arguments() -> None:
-    assert psi([0.1, 0.9], [0.6, 0.4]) == pytest.approx(psi([0.6, 0.4], [0.1, 0.9]))
-
-
-@pytest.mark.parametrize(("p", "q"), [([0.5, 0.5], [1.0]), ([0, 0], [1, 1]), ([-1, 2], [1, 1])])
-def test_psi_refuses_bad_input(p: list[float], q: list[float]) -> None:
-    with pytest.raises(ValueError):
-        psi(p, q)
-
-
-# ------------------------------------------------------------------------------------------ references
-
-
-def test_numeric_reference_is_equal_frequency() -> None:
-    ref = numeric_reference(list(range(1000)), bins=10)
-    assert ref.bins == 10
-    assert ref.proportions == pytest.approx([0.1] * 10)
-    assert ref.bin_counts([-5, 0, 99, 100, 999, 10_000]).tolist() == [3, 1, 0, 0, 0, 0, 0, 0, 0, 2]
-
-
-def test_a_point_mass_gets_a_bin_of_its_own() -> None:
-    ref = numeric_reference([256.0] * 200)  # every synthetic image is 256 px wide
-    assert ref.proportions == (0.0, 1.0, 0.0)
-    assert psi(ref.proportions, ref.bin_counts([256] * 50)) < 0.01
-    assert psi(ref.proportions, ref.bin_counts([300] * 50)) > 5
-    assert psi(ref.proportions, ref.bin_counts([200] * 50)) > 5
-    # Recomputed floats a rounding error away still count as the mass.
-    assert ref.bin_counts([256.0 * (1 + 1e-9)]).tolist() == [0, 1, 0]
-
-
-def test_mixed_point_mass_and_continuous_values() -> None:
-    rng = np.random.default_rng(0)
-    values = [1.0] * 500 + rng.uniform(2, 3, 500).tolist()
-    ref = numeric_reference(values)
-    assert sum(ref.proportions) == pytest.approx(1.0)
-    mass_bin = int(ref.bin_counts([1.0]).argmax())
-    assert ref.proportions[mass_bin] == pytest.approx(0.5)
-
-
-def test_categorical_reference_has_an_other_bin() -> None:
-    ref = categorical_reference(["jpeg"] * 3 + ["png"], ["jpeg", "png", "webp"])
-    assert ref.proportions == (0.75, 0.25, 0.0, 0.0)
-    assert ref.bin_counts(["png", "heic", "jpeg"]).tolist() == [1, 1, 0, 1]
-
-
-def test_reference_round_trips_through_json(tmp_path: Path) -> None:
-    rows = [
-        {
-            "width": 64,
-            "height": 48,
-            "aspect": 4 / 3,
-            "brightness": float(b),
-            "colourfulness": 3.0,
-            "format": "png",
-        }
-        for b in range(100)
-    ]
-    reference = build_reference(rows, dataset_version="manifests:abc", split="train")
-    assert reference.count == 100 and reference.features["format"].kind == "categorical"
-    assert reference.sources["brightness"] == "train split"
-    path = write_reference(reference, tmp_path)
-    assert path.name == REFERENCE_FILE
-    assert read_reference(tmp_path) == reference
-    assert json.loads(path.read_text())["dataset_version"] == "manifests:abc"
-    extended = reference.with_features({"caption_confidence": numeric_reference([0.5, 0.6])})
-    assert set(extended.features) == {*reference.features, "caption_confidence"}
-
-
-def test_missing_reference_is_none_and_a_bad_one_raises(tmp_path: Path) -> None:
-    assert read_reference(tmp_path) is None
-    (tmp_path / REFERENCE_FILE).write_text('{"format": "something else"}')
-    with pytest.raises(DriftReferenceError):
-        read_reference(tmp_path)
-    (tmp_path / REFERENCE_FILE).write_text("not json")
-    with pytest.raises(DriftReferenceError):
-        read_reference(tmp_path)
-
-
-def test_feature_reference_refuses_inconsistent_bins() -> None:
-    with pytest.raises(DriftReferenceError):
-        FeatureReference("numeric", (0.5, 0.5), 2, edges=(1.0, 2.0))
-    with pytest.raises(DriftReferenceError):
-        FeatureReference("numeric", (0.3, 0.3, 0.4), 2, edges=(2.0, 1.0))
 
 
 # ------------------------------------------------------------------------------------------ monitor

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from snap2caption.errors import NotReady
-from snap2caption.registry import ArtifactIntegrityError, ModelNotFoundError, ModelVersionInfo
+from snap2caption.errors import ArtifactIntegrityError, NotReady
+from snap2caption.registry import ModelNotFoundError, ModelVersionInfo
 from snap2caption.serving import ModelStore
 
 

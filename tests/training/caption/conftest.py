@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from snap2caption.config import Override
 from snap2caption.registry import Registry
 from tests.helpers import torch_threads
 from training.caption.config import CaptionRunConfig
@@ -67,6 +68,11 @@ def registry(mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.Monke
     return reg
 
 
-def tiny(*overrides: str) -> CaptionRunConfig:
+def tiny(*overrides: Override) -> CaptionRunConfig:
     """The tiny preset with overrides."""
     return CaptionRunConfig.load("tiny", overrides)
+
+
+def tiny_run(data: Path, out: Path, *overrides: Override) -> CaptionRunConfig:
+    """The tiny preset training on ``data`` into ``out``, with overrides."""
+    return tiny(("run.data", str(data)), ("run.out", str(out)), *overrides)

@@ -1,4 +1,5 @@
-"""Run config: presets with model + train sections, key=value overrides, unknown keys refused with a hint."""
+"""Run config: presets with run, model and train sections, key=value overrides, unknown keys refused with a
+hint, every problem at once."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ from click.testing import CliRunner
 
 from snap2caption.cli import main
 from snap2caption.config import ConfigError
-from snap2caption.models.caption import CaptionConfig
-from training.caption.config import CaptionRunConfig, TrainConfig, preset_path
+from snap2caption.models.caption.config import CaptionConfig
+from training.caption.config import CaptionRunConfig, TrainConfig
+from training.config import CONFIGS_DIR
+
+PRESETS = CONFIGS_DIR / "caption"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "starter", "paper"])
-def test_presets_have_model_and_train_sections(preset: str) -> None:
+def test_presets_have_run_model_and_train_sections(preset: str) -> None:
     run = CaptionRunConfig.load(preset)
-    assert run.model == CaptionConfig.from_yaml(preset_path(preset))
+    assert run.model == CaptionConfig.from_yaml(PRESETS / f"{preset}.yaml")
     assert isinstance(run.train, TrainConfig)
+    assert (run.run.data, run.run.name, run.run.preset) == ("data/processed", "captioner", preset)
     assert CaptionRunConfig.from_dict(run.to_dict()) == run
 
 
@@ -36,6 +41,8 @@ def test_overrides_with_or_without_section() -> None:
     assert run.model.decoder.n_layer == 1 and run.model.lora.r == 2
     assert run.with_overrides(["seed=7"]).train.seed == 7
     assert run.sha256() != run.with_overrides(["seed=7"]).sha256()
+    # The hash names what trains the model: where the run reads and writes is left out.
+    assert run.sha256() == run.with_overrides(["out=/elsewhere", "data=/other"]).sha256()
 
 
 @pytest.mark.parametrize(
@@ -55,7 +62,7 @@ def test_unknown_keys_are_refused_with_the_nearest_one(override: str, suggestion
 
 def test_unknown_key_in_the_yaml_train_section(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(preset_path("tiny").read_text() + "  warmup: 3\n", encoding="utf-8")
+    path.write_text((PRESETS / "tiny.yaml").read_text() + "  warmup: 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"did you mean 'train\.warmup_steps'"):
         CaptionRunConfig.load(path)
 
@@ -86,3 +93,15 @@ def test_cli_refuses_an_unknown_key_with_a_suggestion(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "did you mean 'weight_decay'" in result.output
+
+
+def test_registering_needs_mlflow() -> None:
+    with pytest.raises(ConfigError, match=r"run\.register needs run\.mlflow"):
+        CaptionRunConfig.load("tiny", ["mlflow=false"])
+    assert not CaptionRunConfig.load("tiny", ["mlflow=false", "register=false"]).run.mlflow
+
+
+def test_cli_reports_every_problem_at_once(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["train", "caption", "--config", "tiny", "epoch=3", "--name", ""])
+    assert result.exit_code == 2
+    assert "did you mean 'epochs'" in result.output and "run.name may not be empty" in result.output

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from snap2caption.cli import main
 from snap2caption.metrics import pycocoevalcap_usable
-from snap2caption.models.artifact import save_caption_model
-from snap2caption.models.caption import build_caption_model
+from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.model import build_caption_model
 from tests.training.caption.conftest import tiny
 from training.caption.data import SplitData
 from training.caption.evaluate import evaluate_split, named_pairs, named_shapes, pair_scores
@@ -56,14 +56,14 @@ def random_artifact(caption_data: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_evaluate_split_reports_metrics_and_samples(caption_data: Path, random_artifact: Path) -> None:
-    from snap2caption.models.artifact import load_caption_model
+    from snap2caption.models.caption.artifact import load_caption_model
 
     model, _ = load_caption_model(random_artifact)
     test = SplitData.load(caption_data, "test")
-    result = evaluate_split(model, test, backend="python", num_samples=3, batch_size=4)
+    result = evaluate_split(model, test, scorer="python", num_samples=3, batch_size=4)
     assert set(result.predictions) == set(test.image_ids)
     assert {"bleu_4", "rouge_l", "cider_d", "pair_precision", "pair_recall"} <= set(result.metrics)
-    assert "meteor" not in result.metrics  # the python backend has no METEOR
+    assert "meteor" not in result.metrics  # the python scorer has no METEOR
     assert len(result.samples) == 3
     sample = result.samples[0]
     assert (
@@ -90,11 +90,11 @@ def test_eval_command_writes_metrics_with_meteor(
         str(out),
     ]
     result = CliRunner().invoke(
-        main, [*args, "--split", "val", "--samples", "2", "--backend", "pycocoevalcap"]
+        main, [*args, "--split", "val", "--samples", "2", "--scorer", "pycocoevalcap"]
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
-    assert report["backend"] == "pycocoevalcap" and report["dataset"]["split"] == "val"
+    assert report["scorer"] == "pycocoevalcap" and report["dataset"]["split"] == "val"
     assert {"bleu_1", "bleu_4", "meteor", "rouge_l", "cider_d", "pair_recall"} <= set(report["metrics"])
     assert report["model"]["uri"] == str(random_artifact.resolve())
     assert report["dataset"]["version"].startswith("manifests:")

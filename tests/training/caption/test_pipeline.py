@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from snap2caption.cli import main
-from snap2caption.models.artifact import load_caption_model
-from snap2caption.registry import PRODUCTION, Registry, verify_manifest
-from tests.training.caption.conftest import tiny
+from snap2caption.manifest import verify_manifest
+from snap2caption.models.caption.artifact import load_caption_model
+from snap2caption.registry import PRODUCTION, Registry
+from tests.training.caption.conftest import tiny_run
 from training.caption.data import SplitData
 from training.caption.evaluate import evaluate_split
 from training.caption.run import train_caption
@@ -25,13 +26,8 @@ def test_train_register_promote_refuse_override_rollback(
 ) -> None:
     from mlflow import MlflowClient
 
-    good = train_caption(
-        tiny("max_steps=200", "eval_every=50"),
-        caption_data,
-        tmp_path / "good",
-        registry=registry,
-        preset="tiny",
-    )
+    tracked = ("run.tracking_uri", registry.tracking_uri)
+    good = train_caption(tiny_run(caption_data, tmp_path / "good", "max_steps=200", "eval_every=50", tracked))
     v1 = good.registered
     assert v1 is not None and v1.aliases == ("candidate",)
     assert good.test is not None and v1.metrics["test_cider_d"] == good.test.metrics["cider_d"] > 0.1
@@ -70,7 +66,7 @@ def test_train_register_promote_refuse_override_rollback(
     # `eval caption` on the production alias downloads, verifies and reproduces the registered metrics.
     out = tmp_path / "eval"
     args = ["eval", "caption", "--model", "models:/captioner@production", "--data", str(caption_data)]
-    result = CliRunner().invoke(main, [*args, "--out", str(out), "--backend", "python"])
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--scorer", "python"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
     assert report["model"]["version"] == v1.version
@@ -80,11 +76,11 @@ def test_train_register_promote_refuse_override_rollback(
     folder, info = registry.download("captioner", PRODUCTION, tmp_path / "download")
     assert info.version == v1.version
     model, _ = load_caption_model(folder)
-    again = evaluate_split(model, SplitData.load(caption_data, "test"), backend="python")
+    again = evaluate_split(model, SplitData.load(caption_data, "test"), scorer="python")
     assert again.predictions == good.test.predictions
 
     # A worse model (two steps) becomes the candidate; the gate refuses it.
-    bad = train_caption(tiny("max_steps=2"), caption_data, tmp_path / "bad", registry=registry, preset="tiny")
+    bad = train_caption(tiny_run(caption_data, tmp_path / "bad", "max_steps=2", tracked))
     assert bad.registered is not None and bad.registered.version == v1.version + 1
     refused = registry.promote("captioner")
     assert refused.status == "refused" and "fails" in refused.message

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.caption.conftest import tiny
+from tests.training.caption.conftest import tiny_run
 from training.callbacks.base import Callback
 from training.callbacks.checkpoint import list_checkpoints, read_checkpoint
 from training.caption.config import TrainConfig
@@ -39,7 +39,8 @@ class Crash(RuntimeError):
 
 
 def _train(data: Path, out: Path, *overrides: str, **kwargs: Any) -> RunResult:
-    return train_caption(tiny(*overrides), data, out, mlflow=False, register=False, progress=False, **kwargs)
+    config = tiny_run(data, out, "run.mlflow=false", "run.register=false", *overrides)
+    return train_caption(config, progress=False, **kwargs)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +58,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(caption_data: Path, 
         _train(caption_data, tmp_path / "resumed", *settings, extra_callbacks=[crashed])
     assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step-0000004"]
     resumed = Recorder()
-    result = _train(caption_data, tmp_path / "resumed", *settings, resume="latest", extra_callbacks=[resumed])
+    result = _train(
+        caption_data, tmp_path / "resumed", *settings, "run.resume=latest", extra_callbacks=[resumed]
+    )
 
     assert sorted(resumed.steps) == list(range(5, 13))
     for step in range(5, 13):
@@ -95,7 +98,7 @@ def test_resume_refuses_another_model_config(caption_data: Path, tmp_path: Path)
 
     _train(caption_data, tmp_path, "max_steps=2")
     with pytest.raises(ConfigError, match="model config differs"):
-        _train(caption_data, tmp_path, "max_steps=4", "model.decoder.n_layer=1", resume="latest")
+        _train(caption_data, tmp_path, "max_steps=4", "model.decoder.n_layer=1", "run.resume=latest")
 
 
 class GradRecorder(Callback):

@@ -1,0 +1,179 @@
+"""How a caption artifact runs: :func:`load` picks a runtime and returns a :class:`Captioner`.
+
+- ``torch``: :class:`TorchCaptioner`, :meth:`CaptionModel.generate` in PyTorch (KV-cached greedy or beam
+  search), optionally on the static-cache decoder with CUDA graphs (:class:`StaticOptions`);
+- ``onnx`` / ``onnx-int8``: :class:`~snap2caption.models.caption.ort.OrtCaptioner`, the artifact's ONNX
+  export on ONNX Runtime, decoded by the NumPy twin of the torch loop, with no torch in the process
+  (``onnx-int8``: the dynamically quantized decoder);
+- ``auto``: ``onnx`` when the artifact carries the export, else ``torch``.
+
+The captioner service, the evaluators and batch jobs all call the same :class:`Captioner`. This module
+imports neither torch nor ONNX Runtime: each runtime imports its own stack when it is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption.decoding import Caption, DecodingConfig
+from snap2caption.models.caption.files import REQUIRED_FILES, has_onnx
+from snap2caption.models.runtime import artifact_folder
+
+if TYPE_CHECKING:
+    from snap2caption.models.caption.model import CaptionModel
+
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+
+
+class Captioner(Protocol):
+    """A caption model behind one runtime: pixels in, one caption per image out.
+
+    Attributes:
+        runtime: ``torch``, ``onnx`` or ``onnx-int8``.
+        preprocess: PIL image -> (3, H, W) float32 pixels, exactly as in training.
+        decoding: The model's decoding defaults.
+        max_new_tokens_limit: Most new tokens the model's positions (or its static cache) allow.
+        image_max_side: Longest side of the images training read, when the artifact records it.
+    """
+
+    runtime: str
+    preprocess: Preprocess
+    decoding: DecodingConfig
+    image_max_side: int | None
+
+    @property
+    def max_new_tokens_limit(self) -> int: ...
+
+    def generate(
+        self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
+    ) -> list[Caption]:
+        """Caption (B, 3, H, W) float32 preprocessed images; arguments left None take :attr:`decoding`'s.
+
+        Raises:
+            ValueError: Settings out of range, or longer than :attr:`max_new_tokens_limit`.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class StaticOptions:
+    """The torch runtime's device, and its static-cache decoder (CUDA graphs on CUDA).
+
+    Attributes:
+        device: Torch device (``cpu``, ``cuda``, ``cuda:1``).
+        enabled: Decode on :class:`~snap2caption.models.caption.static.StaticDecoder`.
+        dtype: Its weights' and cache's dtype: ``bfloat16`` or ``float32``.
+        cuda_graphs: Capture its one-token step per padded batch size on CUDA.
+        max_batch: Most images per call.
+        max_beams: Most beams per image (the cache holds ``max_batch * max_beams`` rows).
+        max_new_tokens: Most new tokens per call (the cache holds P + 1 + this many positions).
+    """
+
+    device: str = "cpu"
+    enabled: bool = False
+    dtype: str = "bfloat16"
+    cuda_graphs: bool = True
+    max_batch: int = 16
+    max_beams: int = 4
+    max_new_tokens: int = 32
+
+
+class TorchCaptioner:
+    """A :class:`Captioner` on a :class:`~snap2caption.models.caption.model.CaptionModel` in PyTorch.
+
+    Args:
+        model: The model, in eval mode on its device.
+        image_max_side: What the artifact records, if anything.
+        static: Attach the static-cache decoder (``static.enabled``); the model's decoder is then cast to
+            ``static.dtype`` in place.
+    """
+
+    runtime = "torch"
+
+    def __init__(
+        self, model: CaptionModel, image_max_side: int | None = None, static: StaticOptions | None = None
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.preprocess = model.preprocess
+        self.decoding = model.config.decoding
+        self.image_max_side = image_max_side
+        self.max_new_tokens_limit = model.config.decoder.n_positions - model.prefix_len - 1
+        if static is not None and static.enabled:
+            import torch
+
+            from snap2caption.models.caption.static import StaticDecoder
+
+            # The cache holds P + 1 + max_new_tokens positions for max_batch x max_beams rows.
+            self.max_new_tokens_limit = min(self.max_new_tokens_limit, static.max_new_tokens)
+            StaticDecoder.attach(
+                model,
+                max_batch=static.max_batch * static.max_beams,
+                max_new_tokens=self.max_new_tokens_limit,
+                dtype=torch.bfloat16 if static.dtype == "bfloat16" else torch.float32,
+                cuda_graphs=static.cuda_graphs,
+            )
+
+    def generate(
+        self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
+    ) -> list[Caption]:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.generate(
+                torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+            )
+
+
+def load(
+    source: str | Path,
+    runtime: str = "auto",
+    *,
+    threads: int = 1,
+    static: StaticOptions | None = None,
+    verify: bool = True,
+    tracking_uri: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Captioner:
+    """Load a caption artifact into the runtime ``runtime``.
+
+    Args:
+        source: An artifact folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (downloaded and
+            verified through the registry).
+        runtime: ``torch``, ``onnx`` or ``onnx-int8`` (the artifact must carry the ONNX export), or
+            ``auto`` (``onnx`` when it does, else ``torch``).
+        threads: Intra-op threads of the ONNX Runtime sessions; torch's pools are process-wide
+            (``snap2caption.serving.configure_torch_threads``).
+        static: The torch runtime's device and static decoder (default: CPU, plain decoding).
+        verify: Check every file against ``MANIFEST.json`` first.
+        tracking_uri: MLflow tracking URI for registry references.
+        cache_dir: Download cache for registry references.
+
+    Raises:
+        ValueError: An unknown runtime, or an artifact without what the runtime needs.
+        ArtifactError: Files that do not match the manifest, or not a caption artifact.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown caption runtime {runtime!r} ({', '.join(RUNTIMES)})")
+    folder = artifact_folder(
+        source, REQUIRED_FILES, verify=verify, tracking_uri=tracking_uri, cache_dir=cache_dir
+    )
+    if runtime == "auto":
+        runtime = "onnx" if has_onnx(folder) else "torch"
+    if runtime == "torch":
+        from snap2caption.models.caption.artifact import load_caption_model
+        from snap2caption.models.caption.files import image_max_side, read_artifact_info
+
+        device = static.device if static else "cpu"
+        model, _ = load_caption_model(folder, verify=False, device=device)
+        return TorchCaptioner(model, image_max_side(read_artifact_info(folder)), static)
+    from snap2caption.models.caption.ort import OrtCaptioner
+
+    return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8")

@@ -1,0 +1,83 @@
+"""The caption model's ONNX export: same prefix, same logits, same captions as PyTorch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from snap2caption.manifest import verify_manifest, write_manifest
+from snap2caption.models.caption.artifact import load_caption_model
+from snap2caption.models.caption.export import export_onnx
+from snap2caption.models.caption.files import has_onnx
+from snap2caption.models.caption.ort import OrtCaptioner
+from tests.snap2caption.models.caption.conftest import saved_tiny
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, folder = saved_tiny(tmp_path_factory.mktemp("caption") / "artifact")
+    assert not has_onnx(folder)
+    export_onnx(model, folder)
+    return folder
+
+
+def test_export_is_part_of_the_verified_artifact(exported: Path) -> None:
+    assert has_onnx(exported)
+    verify_manifest(exported)  # the manifest was re-hashed with the ONNX files in it
+    load_caption_model(exported)
+
+
+def test_onnx_network_calls_match_torch(exported: Path) -> None:
+    model, _ = load_caption_model(exported)
+    onnx = OrtCaptioner(exported)
+    pixels = torch.randn(3, *model.preprocess.output_shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        prefix = model.encode(pixels)
+        (onnx_prefix,) = onnx.encoder.run(None, {"pixels": pixels.numpy()})
+        torch.testing.assert_close(torch.from_numpy(onnx_prefix), prefix, rtol=1e-4, atol=1e-5)
+        prompt = torch.cat([prefix, model.embed_tokens(torch.full((3, 1), model.tokenizer.bos_id))], dim=1)
+        logits, cache = model.step(prompt)
+        onnx_logits, onnx_cache = onnx.step(prompt.numpy(), None)
+        torch.testing.assert_close(torch.from_numpy(onnx_logits), logits, rtol=1e-4, atol=1e-4)
+        nxt = model.embed_tokens(logits.argmax(-1)[:, None])  # (3, 1, D): one decoding step on the cache
+        torch.testing.assert_close(
+            torch.from_numpy(onnx.step(nxt.numpy(), onnx_cache)[0]),
+            model.step(nxt, cache)[0],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_onnx_captions_equal_torch_captions(exported: Path, num_beams: int) -> None:
+    model, _ = load_caption_model(exported)
+    onnx = OrtCaptioner(exported)
+    # Seeded: the same inputs in any test order (an argmax near-tie could otherwise come and go).
+    pixels = torch.randn(4, *model.preprocess.output_shape, generator=torch.Generator().manual_seed(2))
+    got = onnx.generate(pixels.numpy(), num_beams=num_beams, max_new_tokens=12)
+    want = model.generate(pixels, num_beams=num_beams, max_new_tokens=12)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.confidence for c in got] == pytest.approx([c.confidence for c in want], abs=1e-4)
+
+
+def test_an_export_of_another_model_is_refused(exported: Path, tmp_path: Path) -> None:
+    other, other_folder = saved_tiny(tmp_path / "other", "decoder.n_layer=1")
+    export_onnx(other, other_folder)
+    mixed = tmp_path / "mixed"  # this artifact, with the other model's ONNX files
+    shutil.copytree(exported, mixed)
+    shutil.rmtree(mixed / "onnx")
+    shutil.copytree(other_folder / "onnx", mixed / "onnx")
+    write_manifest(mixed)
+    with pytest.raises(ValueError, match="does not match"):
+        OrtCaptioner(mixed)
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
+    """The exporter restores each wrapper's training flag recursively; a wrapper left in train mode once
+    switched the exported model's dropout on (found by running the service tests in another order)."""
+    model, folder = saved_tiny(tmp_path / "artifact")
+    export_onnx(model, folder)
+    assert not any(module.training for module in model.modules())
