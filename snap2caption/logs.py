@@ -15,9 +15,19 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+# Libraries that log every HTTP call at INFO: a line per backend call in the services' logs, and noise on
+# the stderr of a one-shot command (`snap2caption analyze`); their warnings and errors still show.
+_CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Send logs to stderr as ``time level logger request_id message``; idempotent."""
+    """Send logs to stderr as ``time level logger request_id message``; idempotent.
+
+    The HTTP client libraries are held at WARNING unless ``level`` is DEBUG.
+    """
     root = logging.getLogger()
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
     if any(getattr(h, "_snap2caption", False) for h in root.handlers):
         root.setLevel(level.upper())
         return
