@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,dev,postgres}
+EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,dev,postgres,ansible}
 
 # command -> Debian package providing it
 declare -A DEBIAN_PACKAGES=(
@@ -16,6 +16,7 @@ declare -A DEBIAN_PACKAGES=(
   [prometheus]=prometheus         # the real Prometheus the monitoring tests (and `make up`) run; brings promtool
   [chromium]=chromium             # headless browser for the web page test (driven by Playwright)
   [pg_ctlcluster]=postgresql      # a real PostgreSQL for the inference-log / keys / feedback test on Postgres
+  [shellcheck]=shellcheck         # actionlint checks the workflows' run: scripts with it (tests/infra/test_workflows.py)
 )
 
 missing=()

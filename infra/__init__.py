@@ -1,0 +1,1 @@
+"""Infrastructure: Prometheus and Grafana files, container entry points, and Chameleon provisioning."""
