@@ -28,6 +28,14 @@ class Settings(ServiceSettings):
     # ---- backends
     captioner_url: str = Field(default="http://127.0.0.1:8001", description="Captioner base URL.")
     detector_url: str = Field(default="http://127.0.0.1:8002", description="Detector base URL.")
+    canary_captioner_url: str | None = Field(
+        default=None,
+        description="Base URL of the captioner serving the `canary` alias (`MODEL_ALIAS=canary`); unset: "
+        "no captioner canary. It gets a running release's share of the traffic (`snap2caption release`).",
+    )
+    canary_detector_url: str | None = Field(
+        default=None, description="Base URL of the detector serving the `canary` alias; unset: none."
+    )
     connect_timeout_s: float = Field(default=1.0, gt=0, description="TCP connect timeout per backend call.")
     backend_timeout_s: float = Field(
         default=10.0,
@@ -56,6 +64,11 @@ class Settings(ServiceSettings):
     retry_after_s: float = Field(default=2.0, gt=0, description="Retry-After of 503 `overloaded`.")
     ready_poll_interval_s: float = Field(
         default=2.0, gt=0, description="Seconds between backend /readyz polls."
+    )
+    track_header_enabled: bool = Field(
+        default=True,
+        description="Honour the X-Snap2Caption-Track header (`production`/`canary`), which picks a "
+        "request's track while a canary runs, for testing a canary by hand.",
     )
     ready_max_age_s: float = Field(
         default=10.0, gt=0, description="A backend is ready while its last good /readyz is this recent."

@@ -67,6 +67,19 @@ class ModelServiceSettings(ServiceSettings):
     )
     drift_every: int = Field(default=20, ge=1, description="Recompute the PSI after this many observations.")
 
+    # ---- faults injected FOR TESTS ONLY (a broken canary in tests/integration/test_canary_release.py)
+    test_fault_errors: bool = Field(
+        default=False,
+        description="TEST ONLY: answer every model request (POST /v1/...) with 500 `injected_fault`.",
+    )
+    test_fault_slowdown: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=100.0,
+        description="TEST ONLY: make every model request this many times slower (it sleeps (x - 1) times "
+        "its own time before answering).",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> Any:
         if self.max_images_per_request > self.max_batch_size:

@@ -51,6 +51,7 @@ from training.caption.evaluate import EvalResult, evaluate_split
 from training.caption.features import cached_features
 from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
 from training.caption.train import CaptionTrainer, TrainState, auto_threads, resolve_device
+from training.distributed.strategy import SingleProcess
 from training.provenance import dataset_version, git_commit
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ def train_caption(
     progress: bool | None = None,
     extra_callbacks: list[Callback] | None = None,
     started: float | None = None,
+    strategy: SingleProcess | None = None,
 ) -> RunResult:
     """Train, evaluate on the test split, save the artifact with its model card, log and register.
 
@@ -132,21 +134,32 @@ def train_caption(
         progress: Progress bars: True, False, or None (only on a terminal).
         extra_callbacks: More callbacks (e.g. a Ray Tune reporter).
         started: ``time.monotonic()`` when the run began (the time budget counts from it); default now.
+        strategy: One process (default), or this process's rank of a DDP group (``train caption
+            --workers``, :mod:`training.distributed`): rank 0 validates, tests, tracks, checkpoints, saves
+            and registers; the other ranks only train (``extra_callbacks`` run on every rank).
 
     Returns:
         What the run produced.
     """
     started = time.monotonic() if started is None else started
+    strategy = strategy or SingleProcess()
     timings: dict[str, float] = {}
     device = setup_device(config)
-    checkpoint = open_checkpoints(config)
+    checkpoint = open_checkpoints(config, owner=strategy.is_main)
     splits = load_splits(config)
+    if not strategy.is_main:
+        splits = Splits(splits.train, val=None, test=None)  # only rank 0 validates and tests
     model = build_model(config, splits, checkpoint, device)
-    pairs, val_features = training_pairs(config, model, splits, device, progress, timings)
+    with strategy.main_first():  # rank 0 fills the feature cache, then the others read it
+        pairs, val_features = training_pairs(config, model, splits, device, progress, timings)
     provenance = describe_run(config, splits, pairs)
-    tracker = start_tracking(config, model, pairs, provenance)
+    tracker = start_tracking(config, model, pairs, provenance, strategy)
     callbacks = CallbackList(
-        [*standard_callbacks(config, progress), *([tracker] if tracker else []), *(extra_callbacks or [])]
+        [
+            *(standard_callbacks(config, progress) if strategy.is_main else []),
+            *([tracker] if tracker else []),
+            *(extra_callbacks or []),
+        ]
     )
     trainer = CaptionTrainer(
         config,
@@ -156,15 +169,21 @@ def train_caption(
         val_features=val_features,
         device=device,
         callbacks=callbacks,
-        deadline=deadline(config, started),
+        deadline=deadline(config, started) if strategy.is_main else None,  # rank 0's clock rules
+        strategy=strategy,
     )
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.state, checkpoint.best_weights)
+    strategy.seed_rank(config.train.seed, trainer.state.step)
 
     failed = True
     try:
         with timed(timings, "train_s"):
             state = trainer.fit()
+        if not strategy.is_main:  # the weights every rank trained are rank 0's to test, save and register
+            failed = False
+            out = Path(config.run.out)
+            return RunResult(out, out / "model", state, None, None, None, timings)
         test = None
         if splits.test is not None:
             with timed(timings, "test_s"):
@@ -206,9 +225,10 @@ def setup_device(config: CaptionRunConfig) -> torch.device:
     return resolve_device(config.train.device)
 
 
-def open_checkpoints(config: CaptionRunConfig) -> Checkpoint | None:
+def open_checkpoints(config: CaptionRunConfig, *, owner: bool = True) -> Checkpoint | None:
     """The checkpoint ``run.resume`` names, checked against this config; a fresh run empties the
-    checkpoint folder instead. Creates the run folder.
+    checkpoint folder instead, when this process owns it (``owner``: not a rank other than 0). Creates the
+    run folder.
 
     Raises:
         FileNotFoundError: ``run.resume=latest`` and no checkpoint to resume from.
@@ -225,7 +245,7 @@ def open_checkpoints(config: CaptionRunConfig) -> Checkpoint | None:
         checkpoint = read_checkpoint(path)
         check_resume(config, checkpoint.config)
         logger.info("resuming from %s", path)
-    else:
+    elif owner:
         shutil.rmtree(folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
@@ -331,11 +351,16 @@ def standard_callbacks(config: CaptionRunConfig, progress: bool | None) -> list[
 
 
 def start_tracking(
-    config: CaptionRunConfig, model: CaptionModel, pairs: CaptionPairs, provenance: Provenance
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    pairs: CaptionPairs,
+    provenance: Provenance,
+    strategy: SingleProcess,
 ) -> MlflowCallback | None:
-    """The MLflow callback (None with ``run.mlflow`` off): the run's params, tags and resolved config, in
-    ``run.experiment_name`` of the registry at ``run.tracking_uri``."""
-    if not config.run.mlflow:
+    """The MLflow callback (None with ``run.mlflow`` off, and on ranks other than 0): the run's params
+    (the parallelism too), tags and resolved config, in ``run.experiment_name`` of the registry at
+    ``run.tracking_uri``."""
+    if not config.run.mlflow or not strategy.is_main:
         return None
     from snap2caption.registry import Registry
     from training.callbacks.mlflow import MlflowCallback
@@ -352,6 +377,7 @@ def start_tracking(
         "train_pairs": len(pairs),
         "vocab_size": model.tokenizer.vocab_size,
         "features_cached": uses_cached_features(config),
+        **strategy.describe(),
     }
     return MlflowCallback(
         Registry(config.run.tracking_uri),

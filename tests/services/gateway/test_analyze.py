@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.gateway.alt_text import gender_neutral
 from services.gateway.images import normalise_image
+from snap2caption.alt_text import gender_neutral
 from snap2caption.imaging import DecodeLimits, decode_image, resize_max_side
 from tests.gateway_stack import (
     BACKEND_MAX_SIDE,

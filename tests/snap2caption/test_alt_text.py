@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.alt_text import (
+from snap2caption.alt_text import (
     AltText,
     caption_alt_text,
     dedupe_labels,
