@@ -29,7 +29,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -202,6 +202,10 @@ class BackendHealth:
     last_ok: float | None = None  # time.monotonic() of the last 200
     detail: str = "not polled yet"
     versions: frozenset[int] = frozenset()  # model versions the last 200 said it serves
+    # Model -> whether its artifact carries a domain description, as the last 200 said (``checks.domain``
+    # of a one-model service, ``checks.<model>.domain`` of the detector's); a model that says nothing is
+    # absent.
+    domains: dict[str, bool] = field(default_factory=dict)
 
 
 class BackendClient:
@@ -370,7 +374,9 @@ class BackendClient:
         if response.status_code == 200:
             self.health.last_ok = time.monotonic()
             self.health.detail = "ready"
-            self.health.versions = frozenset(_served_versions(_json_object(response)))
+            body = _json_object(response)
+            self.health.versions = frozenset(_served_versions(body))
+            self.health.domains = _domain_presence(self.name, body)
         else:
             _, message = _envelope(response)
             self.health.detail = f"{response.status_code}: {message}"
@@ -395,6 +401,20 @@ def _served_versions(body: Any) -> set[int]:
     elif isinstance(body, list):
         for value in body:
             found |= _served_versions(value)
+    return found
+
+
+def _domain_presence(service: str, body: Any) -> dict[str, bool]:
+    """Which models of a model service's ``/readyz`` have a domain description: ``checks.domain.present``
+    names the service's one model (the captioner), ``checks.<model>.domain.present`` each of several."""
+    checks = body.get("checks") if isinstance(body, dict) else None
+    if not isinstance(checks, dict):
+        return {}
+    found: dict[str, bool] = {}
+    for name, value in {service: checks, **checks}.items():
+        domain = value.get("domain") if isinstance(value, dict) else None
+        if isinstance(domain, dict) and isinstance(domain.get("present"), bool):
+            found[name] = domain["present"]
     return found
 
 

@@ -55,7 +55,7 @@ from services.gateway.config import Settings
 from services.gateway.images import NormalisedImage, normalise_image
 from services.gateway.releases import DECISIONS, MODELS, Release, ReleaseStore, Track, bucket
 from services.gateway.schemas import AnalyzeOptions
-from snap2caption.alt_text import gender_neutral, make_alt_text
+from snap2caption.alt_text import alt_text_labels, caption_note, gender_neutral, make_alt_text
 from snap2caption.api import (
     FEATURES,
     AltTextResult,
@@ -68,6 +68,7 @@ from snap2caption.api import (
     ImageInfo,
     ModelInfo,
     ObjectResult,
+    ObjectsDomain,
     TagResult,
 )
 from snap2caption.errors import BadRequest, Overloaded, Timeout
@@ -269,6 +270,9 @@ class Gateway:
                 "detail": backend.health.detail,
                 "last_ok_age_s": None if last_ok is None else round(now - last_ok, 3),
                 "circuit": backend.breaker.state.name.lower(),
+                # Model -> whether its artifact has a domain description; one without (an older
+                # artifact) answers in_domain null, which counts as in domain.
+                "domain_models": dict(backend.health.domains),
             }
             if not fresh:
                 down.append(backend.name)
@@ -404,6 +408,7 @@ class Gateway:
             timings=AnalyzeTimings(decode_ms=0.0, total_ms=0.0),
         )
         parsed: dict[Part, Any] = {}
+        objects_domain: ObjectsDomain | None = None
         for part, body in bodies.items():
             try:
                 if not isinstance(body, Mapping):
@@ -414,6 +419,7 @@ class Gateway:
                     parsed[part] = _tags(body)
                 else:
                     parsed[part] = _objects(body, image)
+                    objects_domain = _objects_domain(body)
                 result.models[part] = ModelInfo.model_validate(body["model"])
             except (KeyError, TypeError, ValueError, IndexError) as exc:  # ValidationError is a ValueError
                 # A 200 we cannot read is that backend's failure, not the caller's and not a 500.
@@ -447,19 +453,37 @@ class Gateway:
                 metrics.TAGS_PER_IMAGE.labels(track_of["tags"]).observe(len(tags))
         if "objects" in wanted:
             result.objects = objects
+            result.objects_domain = objects_domain if objects is not None else None
             if objects is not None:
                 metrics.OBJECTS_PER_IMAGE.labels(track_of["objects"]).observe(len(objects))
         if "alt_text" in wanted:
-            result.alt_text = self._alt_text(caption, tags, objects, options)
+            result.alt_text = self._alt_text(caption, tags, objects, objects_domain, options)
             if result.alt_text is not None and result.alt_text.source == "fallback":
                 metrics.ALT_TEXT_FALLBACKS.labels(track_of["alt_text"]).inc()
+        if result.caption is not None:
+            used = (
+                None
+                if "alt_text" not in wanted
+                else bool(result.alt_text and result.alt_text.source == "caption")
+            )
+            result.caption.used_for_alt_text = used
+            result.caption.note = caption_note(
+                result.caption.confidence,
+                result.caption.in_domain,
+                min_confidence=self.settings.alt_text_min_confidence,
+                used=used,
+            )
 
         for feature in sorted(wanted, key=FEATURES.index):
             if getattr(result, feature) is not None:
                 continue
             failed = failures.get(_PART_OF[feature])
-            if failed is None:  # alt text with neither caption nor labels
-                failed = BackendFailed("unavailable", "no caption, tag or object to describe the image with")
+            if failed is None:  # alt text with neither a usable caption nor labels
+                failed = BackendFailed(
+                    "unavailable",
+                    "no caption, tag or object to describe the image with (a caption of an image outside "
+                    "the captioner's training domain is not used)",
+                )
             result.errors.append(FeatureError(feature=feature, code=failed.code, message=failed.message))
             metrics.PARTIAL_RESULTS.labels(feature, track_of[feature]).inc()
         return result
@@ -469,16 +493,24 @@ class Gateway:
         caption: CaptionResult | None,
         tags: list[TagResult] | None,
         objects: list[ObjectResult] | None,
+        objects_domain: ObjectsDomain | None,
         options: AnalyzeOptions,
     ) -> AltTextResult | None:
+        """The caption when the captioner is in its domain and sure enough, else "Image may contain: ..."
+        from the tags and, when the detector is in its domain for the image, the objects' classes."""
         # Labels best first: tags, then objects by score (the detector sorts them).
-        labels = [t.name for t in tags or []] + [o.label for o in objects or []]
+        labels = alt_text_labels(
+            [t.name for t in tags or []],
+            [o.label for o in objects or []],
+            objects_in_domain=objects_domain.in_domain if objects_domain else None,
+        )
         alt = make_alt_text(
             caption.text if caption else None,
             caption.confidence if caption else None,
             labels,
             min_confidence=self.settings.alt_text_min_confidence,
             max_chars=self.settings.alt_text_max_chars,
+            caption_in_domain=caption.in_domain if caption else None,
         )
         if alt is None:
             return None
@@ -507,8 +539,29 @@ def _first_result(body: Mapping[str, Any]) -> dict[str, Any]:
 def _caption(body: Mapping[str, Any], neutral: bool) -> CaptionResult:
     first = _first_result(body)
     text = str(first["caption"])
+    score = first.get("domain_score")
     return CaptionResult(
-        text=gender_neutral(text) if neutral else text, confidence=float(first["confidence"])
+        text=gender_neutral(text) if neutral else text,
+        confidence=float(first["confidence"]),
+        in_domain=_optional_bool(first.get("in_domain")),
+        domain_score=None if score is None else float(score),
+    )
+
+
+def _optional_bool(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise TypeError(f"in_domain must be true, false or null, got {value!r}")
+
+
+def _objects_domain(body: Mapping[str, Any]) -> ObjectsDomain:
+    """The detector's domain answer for the image (all ``null`` / 0 from a detector that gives none)."""
+    first = _first_result(body)
+    score = first.get("domain_score")
+    return ObjectsDomain(
+        in_domain=_optional_bool(first.get("in_domain")),
+        domain_score=None if score is None else float(score),
+        withheld=int(first.get("withheld") or 0),
     )
 
 

@@ -166,7 +166,8 @@ def decode_batch(batch: Batch, limits: DecodeLimits, max_side: int) -> Batch:
 
 
 class CaptionStage:
-    """An actor with the caption model: ``caption`` and ``caption_confidence`` per accepted row."""
+    """An actor with the caption model: ``caption`` and ``caption_confidence`` per accepted row, and
+    ``caption_in_domain`` (the model's domain answer, None without a domain model) for the alt text only."""
 
     def __init__(self, model: ModelRef, options: ModelOptions, gender_neutral: bool = False) -> None:
         from snap2caption.models import caption
@@ -190,16 +191,19 @@ class CaptionStage:
         n = len(batch["key"])
         text: list[str | None] = [None] * n
         confidence: list[float | None] = [None] * n
+        in_domain: list[bool | None] = [None] * n
         if rows:
             preprocess = self.captioner.preprocess
             pixels = preprocess.batch([resize_max_side(im, self.max_side) for im in _images(batch, rows)])
             for i, c in zip(rows, self.captioner.generate(pixels), strict=True):  # pixels: (B, 3, H, W)
                 text[i] = gender_neutral(c.text) if self.neutral else c.text
                 confidence[i] = math.exp(c.confidence)  # mean token log-probability -> [0, 1]
+                in_domain[i] = c.in_domain
         return {
             **batch,
             "caption": text,
             "caption_confidence": confidence,
+            "caption_in_domain": in_domain,  # not a result column: read by alt_text_batch
             "caption_model": [self.label] * n,
             "node_caption": [self.node] * n,
         }
@@ -301,7 +305,8 @@ class ObjectStage:
 
 
 def alt_text_batch(batch: Batch, min_confidence: float, max_chars: int, gender_neutral_: bool) -> Batch:
-    """The gateway's alt text for each accepted row: the caption when confident, else its labels."""
+    """The gateway's alt text for each accepted row: the caption when in the captioner's domain and
+    confident, else its labels (never a caption of an image outside the captioner's domain)."""
     n = len(batch["key"])
     text: list[str | None] = [None] * n
     source: list[str | None] = [None] * n
@@ -310,12 +315,14 @@ def alt_text_batch(batch: Batch, min_confidence: float, max_chars: int, gender_n
         labels += [o["label"] for o in json.loads(batch["objects"][i] or "[]")]
         caption = batch["caption"][i]
         confidence = batch["caption_confidence"][i]
+        in_domain = batch["caption_in_domain"][i] if "caption_in_domain" in batch else None
         alt = make_alt_text(
             caption or None,
             None if confidence is None else float(confidence),
             labels,
             min_confidence=min_confidence,
             max_chars=max_chars,
+            caption_in_domain=None if in_domain is None else bool(in_domain),
         )
         if alt is not None:
             text[i] = gender_neutral(alt.text) if gender_neutral_ else alt.text

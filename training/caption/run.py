@@ -1,5 +1,5 @@
 """One caption training run end to end, in named phases: data -> model -> (cached features) -> tracking ->
-fit -> test -> artifact -> registry -> summary.
+fit -> test -> domain -> artifact -> registry -> summary.
 
 ``snap2caption train caption`` calls :func:`train_caption`; so do the tests, with the ``tiny`` preset. Every
 setting of the run is in its config (:class:`~training.caption.config.CaptionRunConfig`: ``run``, ``model``,
@@ -7,7 +7,7 @@ setting of the run is in its config (:class:`~training.caption.config.CaptionRun
 
 Output folder (``run.out``)::
 
-    <out>/model/          the artifact (safetensors, config, tokenizer, model card, MANIFEST.json)
+    <out>/model/          the artifact (safetensors, config, tokenizer, domain, model card, MANIFEST.json)
     <out>/checkpoints/    resumable checkpoints (``run.resume``; ``run.checkpoints`` puts them elsewhere)
     <out>/metrics.json    test and validation metrics, timings, provenance, registered version
     <out>/samples.json    test image / references / prediction triples
@@ -27,14 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor
 
 from snap2caption.config import ConfigError
 from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, build_tokenizer
+from snap2caption.models.domain import DEFAULT_FALSE_REJECTION_RATE, DomainModel, fit_domain
 from snap2caption.monitoring.reference import (
     REFERENCE_FILE,
     DriftReference,
@@ -46,7 +49,7 @@ from training.callbacks.checkpoint import Checkpoint, CheckpointCallback, latest
 from training.callbacks.early_stopping import EarlyStopping
 from training.callbacks.progress import ProgressCallback
 from training.caption.config import CaptionRunConfig
-from training.caption.data import CaptionPairs, SplitData, manifest_path
+from training.caption.data import CaptionPairs, SplitData, image_loader, manifest_path
 from training.caption.evaluate import EvalResult, evaluate_split
 from training.caption.features import cached_features
 from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
@@ -66,6 +69,11 @@ RESUMABLE_CHANGES = {
     "eval_every", "patience", "device", "threads", "num_workers", "log_every", "metrics_scorer",
     "test_max_images", "num_samples", "eval_batch_size",
 }  # fmt: skip
+
+# The domain model (``domain.json``): fitted on at most this many training images (a seeded sample),
+# calibrated on the validation split to this false-rejection rate.
+DOMAIN_FIT_MAX_IMAGES = 2000
+DOMAIN_FALSE_REJECTION_RATE = DEFAULT_FALSE_REJECTION_RATE
 
 
 @dataclass
@@ -189,8 +197,12 @@ def train_caption(
             with timed(timings, "test_s"):
                 test = test_model(config, model, splits.test, progress)
             callbacks.on_test_end(trainer, test)
+        with timed(timings, "domain_s"):
+            domain = describe_domain(config, model, splits, pairs, val_features, provenance, tracker)
         with timed(timings, "save_s"):
-            artifact, training = save_artifact(config, trainer, test, provenance, tracker, timings, started)
+            artifact, training = save_artifact(
+                config, trainer, test, provenance, tracker, timings, started, domain
+            )
             callbacks.on_model_saved(trainer, artifact)
         registered = None
         if config.run.register:
@@ -198,7 +210,9 @@ def train_caption(
             with timed(timings, "register_s"):
                 registered = register_model(config, tracker, artifact, test, state, provenance)
         timings["total_s"] = time.monotonic() - started
-        summary = write_summary(config, trainer, test, training, provenance, tracker, registered, timings)
+        summary = write_summary(
+            config, trainer, test, training, provenance, tracker, registered, timings, domain
+        )
         failed = False
     finally:
         callbacks.on_run_end(trainer, failed)
@@ -408,6 +422,94 @@ def test_model(
     )
 
 
+def describe_domain(
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    splits: Splits,
+    pairs: CaptionPairs,
+    val_features: Tensor | None,
+    provenance: Provenance,
+    tracker: MlflowCallback | None,
+) -> DomainModel | None:
+    """The final model's training domain (:mod:`snap2caption.models.domain`) in its ``prefix.pooled``
+    feature space: fitted on (a seeded sample of at most ``DOMAIN_FIT_MAX_IMAGES``) training images,
+    calibrated on the validation split to ``DOMAIN_FALSE_REJECTION_RATE``, its in-domain rejection rate
+    measured on the test split (computed from pixels, as the served model computes it). The counts and
+    the rate go into ``domain.json``'s ``extra``, the run summary and MLflow.
+
+    Returns:
+        None (with a warning; the artifact then has no domain model) without a validation split large
+        enough to calibrate the rate.
+    """
+    need = int(np.ceil(1.0 / DOMAIN_FALSE_REJECTION_RATE)) - 1
+    if splits.val is None or len(splits.val) < need:
+        found = len(splits.val) if splits.val is not None else 0
+        logger.warning(
+            "no domain model: %d validation images cannot calibrate a false-rejection rate of %s (need %d)",
+            found,
+            DOMAIN_FALSE_REJECTION_RATE,
+            need,
+        )
+        return None
+    train = splits.train
+    rows = np.arange(len(train))
+    if len(rows) > DOMAIN_FIT_MAX_IMAGES:
+        rng = np.random.default_rng(config.train.seed)
+        rows = np.sort(rng.choice(rows, DOMAIN_FIT_MAX_IMAGES, replace=False))
+    was_training = model.training
+    model.eval()
+    try:
+        batch = max(config.train.eval_batch_size, 1)
+        if pairs.features is not None:
+            fit = _pooled_from_features(model, pairs.features[torch.from_numpy(rows)], batch)
+        else:
+            fit = _pooled_from_pixels(model, [train.paths[i] for i in rows], batch, config.train.num_workers)
+        if val_features is not None:
+            calibration = _pooled_from_features(model, val_features, batch)
+        else:
+            calibration = _pooled_from_pixels(model, splits.val.paths, batch, config.train.num_workers)
+        test = None
+        if splits.test is not None:
+            test_paths = splits.test.paths[:DOMAIN_FIT_MAX_IMAGES]
+            test = _pooled_from_pixels(model, test_paths, batch, config.train.num_workers)
+    finally:
+        model.train(was_training)
+    domain = fit_domain(
+        fit, calibration, feature=DOMAIN_FEATURE, false_rejection_rate=DOMAIN_FALSE_REJECTION_RATE
+    )
+    facts: dict[str, Any] = {
+        "dataset_version": provenance.facts.version,
+        "fit_split": train.name,
+        "calibration_split": splits.val.name,
+        "n_fit": int(fit.shape[0]),
+        "n_calibration": int(calibration.shape[0]),
+        "test_split": splits.test.name if splits.test is not None else None,
+        "n_test": int(test.shape[0]) if test is not None else 0,
+        "test_rejection_rate": domain.rejection_rate(test) if test is not None else None,
+    }
+    domain = dataclasses.replace(domain, extra=facts)
+    logger.info(
+        "domain model: fitted on %d %s images, calibrated on %d %s images (false-rejection rate %s); "
+        "test-split rejection rate %s",
+        facts["n_fit"],
+        train.name,
+        facts["n_calibration"],
+        splits.val.name,
+        DOMAIN_FALSE_REJECTION_RATE,
+        facts["test_rejection_rate"],
+    )
+    if tracker is not None:
+        metrics = {
+            "domain_n_fit": float(facts["n_fit"]),
+            "domain_n_calibration": float(facts["n_calibration"]),
+            "domain_false_rejection_rate": DOMAIN_FALSE_REJECTION_RATE,
+        }
+        if facts["test_rejection_rate"] is not None:
+            metrics["domain_test_rejection_rate"] = float(facts["test_rejection_rate"])
+        tracker.log_metrics(metrics, 0)
+    return domain
+
+
 def save_artifact(
     config: CaptionRunConfig,
     trainer: CaptionTrainer,
@@ -416,9 +518,11 @@ def save_artifact(
     tracker: MlflowCallback | None,
     timings: dict[str, float],
     started: float,
+    domain: DomainModel | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the model card and the
-    ONNX export (what the ``onnx`` runtimes load).
+    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the domain model
+    (``domain.json`` + ``domain.npz``, when there is one), the model card and the ONNX export (what the
+    ``onnx`` runtimes load); ``MANIFEST.json`` covers all of them.
 
     Returns:
         The artifact folder, and the training facts the model card states.
@@ -466,6 +570,8 @@ def save_artifact(
         **parameter_counts(model),
         vocab_size=model.tokenizer.vocab_size,
     )
+    if domain is not None:
+        domain.save(artifact)  # before the model card rewrites the manifest, so the manifest covers it
     write_model_card(artifact, card)
     export_for_serving(artifact)  # ONNX + int8 decoder
     return artifact, training
@@ -506,6 +612,7 @@ def write_summary(
     tracker: MlflowCallback | None,
     registered: ModelVersionInfo | None,
     timings: dict[str, float],
+    domain: DomainModel | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``samples.json`` and ``config.yaml`` into the run folder.
 
@@ -525,6 +632,7 @@ def write_summary(
             "history": state.evals,
         },
         "test": test.to_dict() if test else None,
+        "domain": _domain_summary(domain),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "dataset": {"path": facts.data_dir, "version": facts.version, "images": facts.images},
         "git_commit": provenance.commit,
@@ -586,6 +694,45 @@ def check_resume(config: CaptionRunConfig, saved: dict[str, Any]) -> None:
         raise ConfigError(f"cannot resume: train settings {refused} differ from the checkpoint's")
     if changed:
         logger.info("resuming with changed train settings %s", changed)
+
+
+def _pooled_from_features(model: CaptionModel, features: Tensor, batch_size: int) -> np.ndarray:
+    """``prefix.pooled`` of (N, C, h, w) cached encoder features: the mapping network, no encoder pass."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, features.shape[0], batch_size):
+            chunk = features[start : start + batch_size].to(device).float()
+            out.append(pooled_prefix(model.encode(features=chunk).float().cpu().numpy()))
+    return np.concatenate(out)
+
+
+def _pooled_from_pixels(
+    model: CaptionModel, paths: list[Path], batch_size: int, num_workers: int
+) -> np.ndarray:
+    """``prefix.pooled`` of image files, decoded and preprocessed as the served model does."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for pixels in image_loader(paths, model.preprocess, batch_size, num_workers):
+            out.append(pooled_prefix(model.encode(pixels.to(device)).float().cpu().numpy()))
+    return np.concatenate(out)
+
+
+def _domain_summary(domain: DomainModel | None) -> dict[str, Any] | None:
+    """What ``metrics.json`` says about the domain model."""
+    if domain is None:
+        return None
+    info = domain.info()
+    keep = (
+        "feature",
+        "false_rejection_rate",
+        "threshold",
+        "n_fit",
+        "n_calibration",
+        "calibration_rejection_rate",
+    )
+    return {**{k: info[k] for k in keep}, **domain.extra}
 
 
 def _optional_split(data_dir: Path, name: str) -> SplitData | None:

@@ -36,6 +36,7 @@ from snap2caption.models.caption.files import (
 )
 from snap2caption.models.caption.model import CaptionModel
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
+from snap2caption.models.domain import DOMAIN_ARRAYS_FILE, DOMAIN_FILE
 from snap2caption.monitoring.reference import REFERENCE_FILE, DriftReference, read_reference, write_reference
 
 # GPT-2 ties its output projection to the token embedding: stored once, as the embedding.
@@ -88,6 +89,8 @@ def save_caption_model(
         write_reference(drift_reference, out)
     else:
         (out / REFERENCE_FILE).unlink(missing_ok=True)  # a replaced model must not keep another's reference
+    for name in (DOMAIN_FILE, DOMAIN_ARRAYS_FILE):  # nor its domain: training writes the new one after this
+        (out / name).unlink(missing_ok=True)
     write_manifest(out)
     return out
 

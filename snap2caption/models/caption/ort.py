@@ -29,6 +29,7 @@ from snap2caption.models.caption.decoding import (
     generate_numpy,
     make_caption,
 )
+from snap2caption.models.caption.domain import read_domain, with_domain
 from snap2caption.models.caption.files import (
     DECODER_FILE,
     DECODER_INT8_FILE,
@@ -59,7 +60,7 @@ class OrtCaptioner:
         int8: Use the dynamically quantized decoder (``snap2caption export caption --int8``).
 
     Raises:
-        ArtifactError: No readable ``config.json`` of a caption artifact.
+        ArtifactError: No readable ``config.json`` of a caption artifact, or a broken ``domain.json``.
         ValueError: No ONNX export (or no int8 decoder when asked), or files that do not match
             ``config.json``.
     """
@@ -92,6 +93,7 @@ class OrtCaptioner:
         }
         self.encoder, self.decoder = open_sessions(folder, self.sizes, threads=threads, int8=int8)
         self.special = SpecialTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        self.domain = read_domain(folder)
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -117,7 +119,8 @@ class OrtCaptioner:
         bos = np.broadcast_to(self.wte[self.special.bos], (prefix.shape[0], 1, prefix.shape[2]))
         prompt = np.concatenate([prefix, bos], axis=1)  # (B, P + 1, D)
         results = generate_numpy(prompt, self, self.special, settings)
-        return [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+        captions = [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+        return with_domain(captions, prefix, self.domain)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(N,) token ids -> (N, 1, D) embeddings."""

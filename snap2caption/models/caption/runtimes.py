@@ -21,11 +21,13 @@ import numpy as np
 
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.caption.decoding import Caption, DecodingConfig
+from snap2caption.models.caption.domain import read_domain, with_domain
 from snap2caption.models.caption.files import REQUIRED_FILES, has_onnx
 from snap2caption.models.runtime import artifact_folder
 
 if TYPE_CHECKING:
     from snap2caption.models.caption.model import CaptionModel
+    from snap2caption.models.domain import DomainModel
 
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
@@ -39,12 +41,15 @@ class Captioner(Protocol):
         decoding: The model's decoding defaults.
         max_new_tokens_limit: Most new tokens the model's positions (or its static cache) allow.
         image_max_side: Longest side of the images training read, when the artifact records it.
+        domain: The artifact's training domain (``domain.json``), or None for an artifact without one;
+            with it, every caption carries ``in_domain`` and ``domain_score``.
     """
 
     runtime: str
     preprocess: Preprocess
     decoding: DecodingConfig
     image_max_side: int | None
+    domain: DomainModel | None
 
     @property
     def max_new_tokens_limit(self) -> int: ...
@@ -53,6 +58,8 @@ class Captioner(Protocol):
         self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
     ) -> list[Caption]:
         """Caption (B, 3, H, W) float32 preprocessed images; arguments left None take :attr:`decoding`'s.
+
+        Each caption carries the image's domain answer when the artifact has a domain model.
 
         Raises:
             ValueError: Settings out of range, or longer than :attr:`max_new_tokens_limit`.
@@ -89,6 +96,7 @@ class TorchCaptioner:
     Args:
         model: The model, in eval mode on its device.
         image_max_side: What the artifact records, if anything.
+        domain: The artifact's domain model, if any.
         static: Attach the static-cache decoder (``static.enabled``); the model's decoder is then cast to
             ``static.dtype`` in place.
     """
@@ -96,13 +104,18 @@ class TorchCaptioner:
     runtime = "torch"
 
     def __init__(
-        self, model: CaptionModel, image_max_side: int | None = None, static: StaticOptions | None = None
+        self,
+        model: CaptionModel,
+        image_max_side: int | None = None,
+        static: StaticOptions | None = None,
+        domain: DomainModel | None = None,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.preprocess = model.preprocess
         self.decoding = model.config.decoding
         self.image_max_side = image_max_side
+        self.domain = domain
         self.max_new_tokens_limit = model.config.decoder.n_positions - model.prefix_len - 1
         if static is not None and static.enabled:
             import torch
@@ -125,11 +138,12 @@ class TorchCaptioner:
         import torch
 
         with torch.inference_mode():
-            return self.model.generate(
-                torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-            )
+            # The prefix is computed once: the decoder's prompt and the domain check's feature.
+            prefix = self.model.encode(torch.from_numpy(pixels).to(self.device))  # (B, P, D)
+            captions = self.model.generate(prefix=prefix, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            if self.domain is None:
+                return captions
+            return with_domain(captions, prefix.float().cpu().numpy(), self.domain)
 
 
 def load(
@@ -158,7 +172,8 @@ def load(
 
     Raises:
         ValueError: An unknown runtime, or an artifact without what the runtime needs.
-        ArtifactError: Files that do not match the manifest, or not a caption artifact.
+        ArtifactError: Files that do not match the manifest, not a caption artifact, or a broken domain
+            model (``domain.json``; an artifact without one loads with ``domain`` None).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown caption runtime {runtime!r} ({', '.join(RUNTIMES)})")
@@ -173,7 +188,8 @@ def load(
 
         device = static.device if static else "cpu"
         model, _ = load_caption_model(folder, verify=False, device=device)
-        return TorchCaptioner(model, image_max_side(read_artifact_info(folder)), static)
+        info = read_artifact_info(folder)
+        return TorchCaptioner(model, image_max_side(info), static, domain=read_domain(folder))
     from snap2caption.models.caption.ort import OrtCaptioner
 
     return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8")

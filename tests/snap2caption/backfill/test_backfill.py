@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from snap2caption.alt_text import make_alt_text
 from snap2caption.backfill import BackfillConfig, run_backfill
 from snap2caption.backfill.output import QUARANTINE, RESULTS, read_results
-from snap2caption.backfill.stages import ModelOptions
+from snap2caption.backfill.stages import ModelOptions, alt_text_batch
 from snap2caption.cli import main
 from tests.gateway_stack import CAPTIONS, _register_models
 from tests.helpers import COLOURS, image_bytes
@@ -169,3 +169,20 @@ def test_cli_with_a_manifest_and_one_feature(tmp_path: Path, registry_uri: str) 
         "captioner/1",
     )
     assert row["tags"] is None and row["objects"] is None and row["alt_text"] is None
+
+
+def test_alt_text_never_uses_a_caption_outside_the_captioners_domain() -> None:
+    """The gateway's policy on a pipeline batch: an out-of-domain caption falls back to the labels (or to
+    no alt text); None (a model without a domain description) counts as in domain."""
+    batch = {
+        "key": ["a", "b", "c", "d"],
+        "error": [None, None, None, None],
+        "caption": ["a small orange square", "a small orange square", "a red circle", "a red circle"],
+        "caption_confidence": [0.9, 0.9, 0.9, 0.9],
+        "caption_in_domain": [False, False, True, None],
+        "tags": [json.dumps([{"name": "tabby cat"}]), "[]", "[]", "[]"],
+        "objects": ["[]", "[]", "[]", "[]"],
+    }
+    out = alt_text_batch(batch, min_confidence=0.35, max_chars=125, gender_neutral_=False)
+    assert out["alt_text"] == ["Image may contain: tabby cat.", None, "A red circle.", "A red circle."]
+    assert out["alt_text_source"] == ["fallback", None, "caption", "caption"]
