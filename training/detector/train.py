@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,12 +242,16 @@ IoU 0.7, at most 100 detections per image.
 """
 
 
-def train_detector(config: DetectorRunConfig) -> TrainResult:
+def train_detector(
+    config: DetectorRunConfig, *, callbacks: Sequence[Any] = (), tags: Mapping[str, str] | None = None
+) -> TrainResult:
     """Train, export, evaluate and (with ``run.register``) register a detector. See the module docstring.
 
     Args:
         config: The resolved run config. The artifact goes to ``run.out`` (replaced), by default
             ``$SNAP2CAPTION_HOME/models/<run.name>/run-<UTC time>``.
+        callbacks: More Ultralytics callbacks, each with ``attach(trainer)`` (e.g. a Ray Tune reporter).
+        tags: More MLflow run tags (e.g. the parent run of a search); ``mlflow.runName`` names the run.
 
     Raises:
         FileNotFoundError: No ETL output at ``run.data``.
@@ -262,10 +267,11 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
     torch.set_num_threads(cfg.threads)
     registry = Registry(run.tracking_uri)
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.registry_uri)
+    extra_tags = dict(tags or {})
     mlflow_run = client.create_run(
         registry.ensure_experiment(run.experiment_name),
-        run_name=f"detector-{Path(cfg.model).stem}-{cfg.imgsz}",
-        tags={"snap2caption.model": run.name, "preset": run.preset},
+        run_name=extra_tags.pop("mlflow.runName", f"detector-{Path(cfg.model).stem}-{cfg.imgsz}"),
+        tags={"snap2caption.model": run.name, "preset": run.preset, **extra_tags},
     )
     run_id = mlflow_run.info.run_id
     try:
@@ -283,6 +289,8 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
         budget = TimeBudget(cfg.time_budget_min * 60, started) if cfg.time_budget_min > 0 else None
         if budget:
             budget.attach(trainer)
+        for callback in callbacks:
+            callback.attach(trainer)
         trainer.train()
         train_seconds = time.monotonic() - started
         epochs = int(trainer.epoch) + 1
