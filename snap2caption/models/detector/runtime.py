@@ -35,6 +35,8 @@ from snap2caption.models.runtime import RuntimeChoice, artifact_folder, resolve_
 if TYPE_CHECKING:
     import onnxruntime
 
+    from snap2caption.models.providers import OrtProviders
+
 
 class Detector:
     """A YOLO detector: ``detect(images) -> detections`` on ONNX Runtime or PyTorch.
@@ -43,14 +45,21 @@ class Detector:
         config: Class names, input size, letterbox.
         runner: ``pixels (B, 3, S, S) float32 -> raw (B, 4 + nc, anchors) float32``.
         runtime: ``"onnx"`` or ``"torch"``, for status and reports.
+        providers: ONNX Runtime's execution providers of the session (``{"model": [...]}``), best first;
+            empty on torch.
     """
 
     def __init__(
-        self, config: DetectorConfig, runner: Callable[[np.ndarray], np.ndarray], runtime: str
+        self,
+        config: DetectorConfig,
+        runner: Callable[[np.ndarray], np.ndarray],
+        runtime: str,
+        providers: dict[str, list[str]] | None = None,
     ) -> None:
         self.config = config
         self.runner = runner
         self.runtime = runtime
+        self.providers = providers or {}
 
     @classmethod
     def from_onnx(
@@ -60,11 +69,13 @@ class Detector:
         *,
         threads: int = 1,
         session_options: onnxruntime.SessionOptions | None = None,
+        providers: OrtProviders | None = None,
     ) -> Detector:
-        """A detector on one ONNX file; ``config`` defaults to the file's own metadata."""
-        from snap2caption.models.onnx_io import cpu_session, session_metadata
+        """A detector on one ONNX file; ``config`` defaults to the file's own metadata; ``providers``:
+        see :func:`~snap2caption.models.onnx_io.ort_session`."""
+        from snap2caption.models.onnx_io import ort_session, session_metadata
 
-        session = cpu_session(path, threads=threads, options=session_options)
+        session = ort_session(path, threads=threads, options=session_options, providers=providers)
         metadata = session_metadata(session)
         if config is None:
             config = config_from_metadata(metadata)
@@ -74,7 +85,7 @@ class Detector:
         def run(pixels: np.ndarray) -> np.ndarray:
             return np.asarray(session.run(None, {input_name: pixels})[0])
 
-        return cls(config, run, "onnx")
+        return cls(config, run, "onnx", {"model": session.get_providers()})
 
     @classmethod
     def from_torch(cls, model: Any, config: DetectorConfig) -> Detector:
@@ -151,6 +162,7 @@ def load(
     int8: bool = False,
     threads: int = 1,
     session_options: onnxruntime.SessionOptions | None = None,
+    providers: OrtProviders | None = None,
     verify: bool = True,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
@@ -159,11 +171,12 @@ def load(
 
     Args:
         source: An artifact folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``.
-        runtime: ``onnx`` (ONNX Runtime, CPU), ``torch`` (the Ultralytics network; needs the ``train``
+        runtime: ``onnx`` (ONNX Runtime), ``torch`` (the Ultralytics network; needs the ``train``
             extra), or ``auto`` (``onnx`` when the artifact has ``model.onnx``).
         int8: Run ``model.int8.onnx`` instead of ``model.onnx`` (``onnx`` only).
         threads: ONNX Runtime intra-op threads (torch uses the process's own setting).
         session_options: ONNX Runtime options to use as they are (a service's own).
+        providers: ONNX Runtime execution providers (default: ``SNAP2CAPTION_ORT_PROVIDERS``, ``auto``).
         verify: Check every file against ``MANIFEST.json`` first.
         tracking_uri: MLflow tracking URI for registry references.
         cache_dir: Download cache for registry references.
@@ -173,6 +186,7 @@ def load(
         FileNotFoundError: A needed file is missing.
         ValueError: A bad config, ONNX metadata that does not match it, weights that do not fit, or
             ``int8`` on ``torch``.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
     folder = artifact_folder(
         source, REQUIRED_FILES, verify=verify, tracking_uri=tracking_uri, cache_dir=cache_dir
@@ -180,7 +194,9 @@ def load(
     config = read_config(folder)
     if resolve_runtime(runtime, folder, ONNX_FILE, int8=int8) == "onnx":
         onnx_file = folder / (INT8_ONNX_FILE if int8 else ONNX_FILE)
-        return Detector.from_onnx(onnx_file, config, threads=threads, session_options=session_options)
+        return Detector.from_onnx(
+            onnx_file, config, threads=threads, session_options=session_options, providers=providers
+        )
     from snap2caption.models.detector.artifact import load_torch_model
 
     return Detector.from_torch(load_torch_model(folder), config)
