@@ -171,6 +171,7 @@ class CaptionEngine:
             folder,
             s.runtime,
             threads=s.threads,
+            providers=s.ort_providers(),
             static=StaticOptions(
                 device=s.device,
                 enabled=s.static_decoder,

@@ -257,7 +257,11 @@ class DetectorEngine:
             settings.tagger_alias,
             settings.tagger_runtime,
             loader=lambda folder, _: tagger_model.load(
-                folder, settings.tagger_runtime, int8=settings.tagger_int8, threads=settings.threads
+                folder,
+                settings.tagger_runtime,
+                int8=settings.tagger_int8,
+                threads=settings.threads,
+                providers=settings.ort_providers(),
             ),
             warmup=warm_up_tagger,
             spec=lambda tagger: tagger.preprocess,
@@ -273,7 +277,9 @@ class DetectorEngine:
 
     def _load_detector(self, folder: Path, info: ModelVersionInfo) -> Detector:
         s = self.settings
-        detector = detector_model.load(folder, s.detector_runtime, int8=s.detector_int8, threads=s.threads)
+        detector = detector_model.load(
+            folder, s.detector_runtime, int8=s.detector_int8, threads=s.threads, providers=s.ort_providers()
+        )
         self.drift.loaded(info.version, folder)
         return detector
 

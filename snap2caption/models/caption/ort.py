@@ -43,6 +43,8 @@ from snap2caption.models.caption.tokenizer import CaptionTokenizer
 if TYPE_CHECKING:
     import onnxruntime
 
+    from snap2caption.models.providers import OrtProviders
+
 _WTE_SUFFIX = "transformer.wte.weight"
 
 # (L, N, H, T, D/H) keys and values
@@ -57,14 +59,24 @@ class OrtCaptioner:
         folder: A caption artifact folder with an ONNX export (verify it first: ``verify_manifest``).
         threads: Intra-op threads per session.
         int8: Use the dynamically quantized decoder (``snap2caption export caption --int8``).
+        providers: ONNX Runtime execution providers of both sessions (default:
+            ``SNAP2CAPTION_ORT_PROVIDERS``, ``auto``; the decoder never on TensorRT); :attr:`providers`
+            says what each session got.
 
     Raises:
         ArtifactError: No readable ``config.json`` of a caption artifact.
         ValueError: No ONNX export (or no int8 decoder when asked), or files that do not match
             ``config.json``.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
 
-    def __init__(self, folder: str | Path, threads: int = 1, int8: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int = 1,
+        int8: bool = False,
+        providers: OrtProviders | None = None,
+    ) -> None:
         from safetensors import safe_open
 
         folder = Path(folder)
@@ -90,7 +102,10 @@ class OrtCaptioner:
             "vocab_size": int(self.wte.shape[0]),
             "crop": self.preprocess.crop,
         }
-        self.encoder, self.decoder = open_sessions(folder, self.sizes, threads=threads, int8=int8)
+        self.encoder, self.decoder = open_sessions(
+            folder, self.sizes, threads=threads, int8=int8, providers=providers
+        )
+        self.providers = {"encoder": self.encoder.get_providers(), "decoder": self.decoder.get_providers()}
         self.special = SpecialTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
 
     @property
@@ -146,21 +161,32 @@ class OrtCaptioner:
 
 
 def open_sessions(
-    folder: Path, sizes: dict[str, int], *, threads: int = 1, int8: bool = False
+    folder: Path,
+    sizes: dict[str, int],
+    *,
+    threads: int = 1,
+    int8: bool = False,
+    providers: OrtProviders | None = None,
 ) -> tuple[onnxruntime.InferenceSession, onnxruntime.InferenceSession]:
     """The encoder and decoder sessions of an artifact's ONNX export, checked against the model's sizes.
 
     Raises:
         ValueError: A file is missing (``int8``: the int8 decoder), or an export of another model.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
-    from snap2caption.models.onnx_io import cpu_session, session_metadata
+    from snap2caption.models.onnx_io import ort_session, session_metadata
 
     decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
     for name in (ENCODER_FILE, decoder_file):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} has no {name} (snap2caption export caption{' --int8' * int8})")
-    encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
-    decoder = cpu_session(folder / decoder_file, threads=threads)
+    from snap2caption.models.providers import OrtProviders
+
+    providers = providers or OrtProviders.from_env()
+    encoder = ort_session(folder / ENCODER_FILE, threads=threads, providers=providers)
+    # Never TensorRT: the KV cache's length changes at every step (snap2caption.models.providers).
+    decoder_providers = dataclasses.replace(providers, tensorrt=False)
+    decoder = ort_session(folder / decoder_file, threads=threads, providers=decoder_providers)
     for session, part in ((encoder, "encoder"), (decoder, "decoder")):
         metadata = session_metadata(session)
         found = {k: json.loads(metadata[k]) for k in sizes if k in metadata}

@@ -26,6 +26,7 @@ from snap2caption.models.runtime import artifact_folder
 
 if TYPE_CHECKING:
     from snap2caption.models.caption.model import CaptionModel
+    from snap2caption.models.providers import OrtProviders
 
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
@@ -39,9 +40,12 @@ class Captioner(Protocol):
         decoding: The model's decoding defaults.
         max_new_tokens_limit: Most new tokens the model's positions (or its static cache) allow.
         image_max_side: Longest side of the images training read, when the artifact records it.
+        providers: ONNX Runtime's execution providers of each session (``encoder``, ``decoder``), best
+            first; empty on torch.
     """
 
     runtime: str
+    providers: dict[str, list[str]]
     preprocess: Preprocess
     decoding: DecodingConfig
     image_max_side: int | None
@@ -99,6 +103,7 @@ class TorchCaptioner:
         self, model: CaptionModel, image_max_side: int | None = None, static: StaticOptions | None = None
     ) -> None:
         self.model = model
+        self.providers: dict[str, list[str]] = {}  # no ONNX Runtime session
         self.device = next(model.parameters()).device
         self.preprocess = model.preprocess
         self.decoding = model.config.decoding
@@ -138,6 +143,7 @@ def load(
     *,
     threads: int = 1,
     static: StaticOptions | None = None,
+    providers: OrtProviders | None = None,
     verify: bool = True,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
@@ -152,6 +158,8 @@ def load(
         threads: Intra-op threads of the ONNX Runtime sessions; torch's pools are process-wide
             (``snap2caption.serving.configure_torch_threads``).
         static: The torch runtime's device and static decoder (default: CPU, plain decoding).
+        providers: The ONNX runtimes' execution providers (default: ``SNAP2CAPTION_ORT_PROVIDERS``,
+            ``auto``: TensorRT, CUDA, CPU among those installed).
         verify: Check every file against ``MANIFEST.json`` first.
         tracking_uri: MLflow tracking URI for registry references.
         cache_dir: Download cache for registry references.
@@ -159,6 +167,7 @@ def load(
     Raises:
         ValueError: An unknown runtime, or an artifact without what the runtime needs.
         ArtifactError: Files that do not match the manifest, or not a caption artifact.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown caption runtime {runtime!r} ({', '.join(RUNTIMES)})")
@@ -176,4 +185,4 @@ def load(
         return TorchCaptioner(model, image_max_side(read_artifact_info(folder)), static)
     from snap2caption.models.caption.ort import OrtCaptioner
 
-    return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8")
+    return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8", providers=providers)

@@ -49,6 +49,8 @@ from snap2caption.models.runtime import RuntimeChoice, artifact_folder, resolve_
 if TYPE_CHECKING:
     import onnxruntime
 
+    from snap2caption.models.providers import OrtProviders
+
 logger = logging.getLogger(__name__)
 
 # pixels (B, 3, S, S) float32 -> (raw (B, 4 + nc, anchors), features (B, C) or None) float32
@@ -79,13 +81,20 @@ class Detector:
         runner: ``pixels (B, 3, S, S) float32 -> (raw (B, 4 + nc, anchors), features (B, C) or None)``.
         runtime: ``"onnx"`` or ``"torch"``, for status and reports.
         domain: The artifact's training domain in ``FEATURE_NAME`` space, or None (older artifacts).
+        providers: ONNX Runtime's execution providers of the session (``{"model": [...]}``), best first;
+            empty on torch.
 
     Raises:
         ArtifactError: A domain model for another feature space.
     """
 
     def __init__(
-        self, config: DetectorConfig, runner: Runner, runtime: str, domain: DomainModel | None = None
+        self,
+        config: DetectorConfig,
+        runner: Runner,
+        runtime: str,
+        domain: DomainModel | None = None,
+        providers: dict[str, list[str]] | None = None,
     ) -> None:
         if domain is not None and domain.feature != FEATURE_NAME:
             raise ArtifactError(
@@ -95,6 +104,7 @@ class Detector:
         self.runner = runner
         self.runtime = runtime
         self.domain = domain
+        self.providers = providers or {}
 
     @classmethod
     def from_onnx(
@@ -105,11 +115,13 @@ class Detector:
         threads: int = 1,
         session_options: onnxruntime.SessionOptions | None = None,
         domain: DomainModel | None = None,
+        providers: OrtProviders | None = None,
     ) -> Detector:
-        """A detector on one ONNX file; ``config`` defaults to the file's own metadata."""
-        from snap2caption.models.onnx_io import cpu_session, session_metadata
+        """A detector on one ONNX file; ``config`` defaults to the file's own metadata; ``providers``:
+        see :func:`~snap2caption.models.onnx_io.ort_session`."""
+        from snap2caption.models.onnx_io import ort_session, session_metadata
 
-        session = cpu_session(path, threads=threads, options=session_options)
+        session = ort_session(path, threads=threads, options=session_options, providers=providers)
         metadata = session_metadata(session)
         if config is None:
             config = config_from_metadata(metadata)
@@ -123,7 +135,7 @@ class Detector:
             got = session.run(names, {input_name: pixels})
             return np.asarray(got[0]), (np.asarray(got[1]) if len(got) > 1 else None)
 
-        return cls(config, run, "onnx", domain)
+        return cls(config, run, "onnx", domain, {"model": session.get_providers()})
 
     @classmethod
     def from_torch(cls, model: Any, config: DetectorConfig, domain: DomainModel | None = None) -> Detector:
@@ -246,6 +258,7 @@ def load(
     int8: bool = False,
     threads: int = 1,
     session_options: onnxruntime.SessionOptions | None = None,
+    providers: OrtProviders | None = None,
     verify: bool = True,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
@@ -254,11 +267,12 @@ def load(
 
     Args:
         source: An artifact folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``.
-        runtime: ``onnx`` (ONNX Runtime, CPU), ``torch`` (the Ultralytics network; needs the ``train``
+        runtime: ``onnx`` (ONNX Runtime), ``torch`` (the Ultralytics network; needs the ``train``
             extra), or ``auto`` (``onnx`` when the artifact has ``model.onnx``).
         int8: Run ``model.int8.onnx`` instead of ``model.onnx`` (``onnx`` only).
         threads: ONNX Runtime intra-op threads (torch uses the process's own setting).
         session_options: ONNX Runtime options to use as they are (a service's own).
+        providers: ONNX Runtime execution providers (default: ``SNAP2CAPTION_ORT_PROVIDERS``, ``auto``).
         verify: Check every file against ``MANIFEST.json`` first.
         tracking_uri: MLflow tracking URI for registry references.
         cache_dir: Download cache for registry references.
@@ -274,6 +288,7 @@ def load(
         FileNotFoundError: A needed file is missing.
         ValueError: A bad config, ONNX metadata that does not match it, weights that do not fit, or
             ``int8`` on ``torch``.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
     folder = artifact_folder(
         source, REQUIRED_FILES, verify=verify, tracking_uri=tracking_uri, cache_dir=cache_dir
@@ -292,7 +307,8 @@ def load(
     if resolve_runtime(runtime, folder, ONNX_FILE, int8=int8) == "onnx":
         onnx_file = folder / (INT8_ONNX_FILE if int8 else ONNX_FILE)
         detector = Detector.from_onnx(
-            onnx_file, config, threads=threads, session_options=session_options, domain=domain
+            onnx_file, config, threads=threads, session_options=session_options, domain=domain,
+            providers=providers,
         )
     else:
         from snap2caption.models.detector.artifact import load_torch_model

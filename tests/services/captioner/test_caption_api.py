@@ -150,6 +150,7 @@ def test_readiness_and_metrics_describe_the_model(deployment: Deployment) -> Non
     version = checks["version"]
     assert checks["model"] == "captioner" and checks["alias"] == "production"
     assert checks["backend"] == "auto" and checks["runtime"] == "torch"  # no ONNX export in this artifact
+    assert checks["providers"] == {}  # torch: no ONNX Runtime session
     assert isinstance(version, int) and checks["loaded_at"]
     assert deployment.metric("snap2caption_model_info", model="captioner", version=str(version)) == 1
     caption(deployment, image_bytes("green"))

@@ -200,8 +200,12 @@ def test_readiness_and_metrics_describe_both_models(deployment: Deployment) -> N
         model = checks[name]
         assert (model["model"], model["alias"], model["version"]) == (name, "production", 1)
         assert (model["backend"], model["runtime"]) == ("auto", "onnx")
+        assert model["providers"] == {"model": ["CPUExecutionProvider"]}  # auto, on a CPU-only machine
         assert model["loaded_at"] and model["last_load_error"] is None
         assert deployment.metric("snap2caption_model_info", model=name, version="1") == 1
+        runtime = {"model": name, "version": "1", "runtime": "onnx", "session": "model"}
+        cpu = {"provider": "CPUExecutionProvider", "providers": "CPUExecutionProvider"}
+        assert deployment.metric("snap2caption_model_runtime_info", **runtime, **cpu) == 1
         assert deployment.metric("snap2caption_queue_depth", model=name) == 0
         assert (deployment.metric("snap2caption_inference_seconds_count", model=name) or 0) > 0
     assert checks["detector"]["domain"] is None  # this artifact has no domain model
@@ -218,6 +222,8 @@ def test_torch_backend_gives_the_same_results(tight: Deployment) -> None:
     assert tags.json()["model"]["backend"] == "torch"
     assert_same_tags(tags.json()["results"][0]["tags"], tight.expected_tags(data))
     assert {m["runtime"] for m in tight.ready().values()} == {"torch"}
+    assert [m["providers"] for m in tight.ready().values()] == [{}, {}]  # no ONNX Runtime session
+    assert tight.metric("snap2caption_model_runtime_info", model="detector", runtime="torch", session="") == 1
 
 
 def test_a_full_queue_answers_503_with_retry_after(tight: Deployment) -> None:

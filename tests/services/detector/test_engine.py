@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
@@ -17,6 +18,7 @@ from snap2caption.errors import NotReady
 from snap2caption.imaging import decode_image
 from snap2caption.models import detector as detector_model
 from snap2caption.models import tagger as tagger_model
+from snap2caption.models.providers import CUDA, OrtProviders
 from tests.services.detector.conftest import Artifacts, assert_same_objects, assert_same_tags, noise_image
 
 
@@ -39,6 +41,50 @@ def test_settings_defaults_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None
         Settings(max_images_per_request=16, max_batch_size=8)
     with pytest.raises(ValidationError):
         Settings(detector_runtime="tensorrt")
+    with pytest.raises(ValidationError, match="unknown execution provider 'gpu'"):
+        Settings(providers="gpu")
+
+
+def test_provider_settings_fall_back_to_the_process_wide_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().ort_providers() == OrtProviders()  # auto, device 0, the default cache, no fp16
+    monkeypatch.setenv("SNAP2CAPTION_ORT_PROVIDERS", "cuda")
+    monkeypatch.setenv("SNAP2CAPTION_ORT_TRT_FP16", "true")
+    assert Settings().ort_providers() == OrtProviders("cuda", trt_fp16=True)
+    monkeypatch.setenv("SNAP2CAPTION_DETECTOR_PROVIDERS", "tensorrt,cuda")  # the service's own wins
+    monkeypatch.setenv("SNAP2CAPTION_DETECTOR_ORT_DEVICE_ID", "1")
+    monkeypatch.setenv("SNAP2CAPTION_DETECTOR_TRT_CACHE_DIR", str(tmp_path))
+    assert Settings().ort_providers() == OrtProviders("tensorrt,cuda", 1, tmp_path, True)
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this onnxruntime has CUDA")
+def test_asking_for_cuda_without_it_is_a_load_error_in_readyz(artifacts: Artifacts, tmp_path: Path) -> None:
+    """No silent fallback to the CPU: the models do not load, and /readyz says why."""
+    settings = Settings(
+        tracking_uri=artifacts.uri, model_cache_dir=tmp_path, poll_interval_s=0, providers="cuda"
+    )
+
+    async def scenario() -> None:
+        engine = DetectorEngine(settings)
+        engine.start()
+        try:
+            deadline = time.monotonic() + 30
+            lanes = (engine.detector, engine.tagger)
+            while not all(lane.store.status()["last_load_error"] for lane in lanes):
+                assert time.monotonic() < deadline, engine.readiness()
+                await asyncio.sleep(0.05)
+            readiness = engine.readiness()
+            assert not readiness.ready
+            for name in ("detector", "tagger"):
+                error = readiness.checks[name]["last_load_error"]
+                assert error["error"] == "provider_unavailable", error
+                assert "CUDAExecutionProvider asked for" in error["message"]
+                assert readiness.checks[name]["version"] is None
+        finally:
+            await engine.close(1)
+
+    asyncio.run(scenario())
 
 
 def test_ready_only_when_both_models_are_loaded(artifacts: Artifacts, tmp_path: Path) -> None:
@@ -62,6 +108,7 @@ def test_ready_only_when_both_models_are_loaded(artifacts: Artifacts, tmp_path: 
             assert readiness.reason.startswith("tagger not loaded yet") and "staging" in readiness.reason
             assert readiness.checks["detector"]["version"] == 1
             assert readiness.checks["detector"]["runtime"] == "onnx"
+            assert readiness.checks["detector"]["providers"] == {"model": ["CPUExecutionProvider"]}
             assert readiness.checks["tagger"]["version"] is None
             assert engine.detect_options(None, None, None) == DetectOptions(0.25, 0.45, 100)
             with pytest.raises(NotReady, match="tagger@staging"):
