@@ -307,7 +307,11 @@ def load(
     if resolve_runtime(runtime, folder, ONNX_FILE, int8=int8) == "onnx":
         onnx_file = folder / (INT8_ONNX_FILE if int8 else ONNX_FILE)
         detector = Detector.from_onnx(
-            onnx_file, config, threads=threads, session_options=session_options, domain=domain,
+            onnx_file,
+            config,
+            threads=threads,
+            session_options=session_options,
+            domain=domain,
             providers=providers,
         )
     else:
