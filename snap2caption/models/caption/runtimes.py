@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption.calibration import Calibration, calibrate, read_calibration
 from snap2caption.models.caption.decoding import Caption, DecodingConfig
 from snap2caption.models.caption.files import REQUIRED_FILES, has_onnx
 from snap2caption.models.runtime import artifact_folder
@@ -39,12 +40,15 @@ class Captioner(Protocol):
         decoding: The model's decoding defaults.
         max_new_tokens_limit: Most new tokens the model's positions (or its static cache) allow.
         image_max_side: Longest side of the images training read, when the artifact records it.
+        calibration: The artifact's confidence calibration (``calibration.json``), applied to every
+            caption's ``calibrated``; None for an artifact without one.
     """
 
     runtime: str
     preprocess: Preprocess
     decoding: DecodingConfig
     image_max_side: int | None
+    calibration: Calibration | None
 
     @property
     def max_new_tokens_limit(self) -> int: ...
@@ -53,6 +57,7 @@ class Captioner(Protocol):
         self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
     ) -> list[Caption]:
         """Caption (B, 3, H, W) float32 preprocessed images; arguments left None take :attr:`decoding`'s.
+        Each caption's ``calibrated`` is set when the artifact has a calibration.
 
         Raises:
             ValueError: Settings out of range, or longer than :attr:`max_new_tokens_limit`.
@@ -89,6 +94,7 @@ class TorchCaptioner:
     Args:
         model: The model, in eval mode on its device.
         image_max_side: What the artifact records, if anything.
+        calibration: The artifact's confidence calibration, if any.
         static: Attach the static-cache decoder (``static.enabled``); the model's decoder is then cast to
             ``static.dtype`` in place.
     """
@@ -96,13 +102,18 @@ class TorchCaptioner:
     runtime = "torch"
 
     def __init__(
-        self, model: CaptionModel, image_max_side: int | None = None, static: StaticOptions | None = None
+        self,
+        model: CaptionModel,
+        image_max_side: int | None = None,
+        static: StaticOptions | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.preprocess = model.preprocess
         self.decoding = model.config.decoding
         self.image_max_side = image_max_side
+        self.calibration = calibration
         self.max_new_tokens_limit = model.config.decoder.n_positions - model.prefix_len - 1
         if static is not None and static.enabled:
             import torch
@@ -125,11 +136,12 @@ class TorchCaptioner:
         import torch
 
         with torch.inference_mode():
-            return self.model.generate(
+            captions = self.model.generate(
                 torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
             )
+        return calibrate(captions, self.calibration)
 
 
 def load(
@@ -158,7 +170,8 @@ def load(
 
     Raises:
         ValueError: An unknown runtime, or an artifact without what the runtime needs.
-        ArtifactError: Files that do not match the manifest, or not a caption artifact.
+        ArtifactError: Files that do not match the manifest, not a caption artifact, or a malformed
+            ``calibration.json``.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown caption runtime {runtime!r} ({', '.join(RUNTIMES)})")
@@ -173,7 +186,8 @@ def load(
 
         device = static.device if static else "cpu"
         model, _ = load_caption_model(folder, verify=False, device=device)
-        return TorchCaptioner(model, image_max_side(read_artifact_info(folder)), static)
+        info = read_artifact_info(folder)
+        return TorchCaptioner(model, image_max_side(info), static, read_calibration(folder))
     from snap2caption.models.caption.ort import OrtCaptioner
 
     return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8")
