@@ -44,7 +44,14 @@ class CaptionResult(WireModel):
     """The caption and how sure the model is."""
 
     text: str
-    confidence: float = Field(ge=0, le=1, description="Geometric-mean token probability.")
+    confidence: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "Calibrated probability that the caption is right (the captioner's confidence); the raw "
+            "geometric-mean token probability for a model without a calibration."
+        ),
+    )
 
 
 class AltTextResult(WireModel):

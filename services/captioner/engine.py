@@ -14,7 +14,6 @@ configured runtime (``torch``, ``onnx``, ``onnx-int8`` or ``auto``); this module
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +80,12 @@ class ImageCaption:
 
     Attributes:
         text: The caption.
-        confidence: Geometric-mean probability of the generated tokens, in [0, 1].
+        confidence: The calibrated probability that the caption is right, when the artifact has a
+            calibration (``calibration.json``); else the raw confidence.
         tokens: Number of caption tokens.
         model_version: The version that wrote it.
         runtime: The runtime that ran it (``torch``, ``onnx``, ``onnx-int8``).
+        raw_confidence: Geometric-mean probability of the generated tokens, in [0, 1].
     """
 
     text: str
@@ -92,6 +93,7 @@ class ImageCaption:
     tokens: int
     model_version: int
     runtime: str = ""
+    raw_confidence: float = 0.0
 
 
 def warm_up(captioner: Captioner) -> None:
@@ -201,6 +203,8 @@ class CaptionEngine:
         problem = self.lane.problem(checks)
         current = self.lane.store.current
         checks["drift"] = self.drift.status(current.version if current else None)
+        if current is not None:
+            checks["calibrated"] = current.model.calibration is not None
         return Readiness(ready=problem is None, checks=checks, reason=problem or "")
 
     # ------------------------------------------------------------------------------ requests
@@ -275,9 +279,11 @@ class CaptionEngine:
         max_new_tokens = min(options.max_new_tokens, captioner.max_new_tokens_limit)
         captions = captioner.generate(pixels, max_new_tokens=max_new_tokens, num_beams=options.num_beams)
         out = [
-            ImageCaption(c.text, math.exp(c.confidence), c.n_tokens, loaded.version, captioner.runtime)
+            ImageCaption(
+                c.text, c.probability, c.n_tokens, loaded.version, captioner.runtime, c.raw_probability
+            )
             for c in captions
         ]
-        for result in out:  # output drift: the reference holds the test split's confidences
-            self.drift.observe(loaded.version, {"caption_confidence": result.confidence})
+        for result in out:  # output drift: the reference holds the test split's raw confidences
+            self.drift.observe(loaded.version, {"caption_confidence": result.raw_confidence})
         return out

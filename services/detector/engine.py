@@ -337,15 +337,17 @@ class DetectorEngine:
     def tag_options(self, top_k: int | None, min_score: float | None) -> TagOptions:
         """The request's tagging options, defaults from the settings, checked against the limits.
 
+        The default ``min_score`` is the setting's, else the serving tagger's calibrated one.
+
         Raises:
             NotReady: The tagger is not loaded yet (503 before the body is read).
             BadRequest: ``top_k`` over the service's limit.
         """
-        self.tagger.store.get()
+        tagger = self.tagger.store.get().model
         s = self.settings
-        options = TagOptions(
-            s.top_k if top_k is None else top_k, s.min_score if min_score is None else min_score
-        )
+        if min_score is None:
+            min_score = tagger.min_score if s.min_score is None else s.min_score
+        options = TagOptions(s.top_k if top_k is None else top_k, min_score)
         if not 1 <= options.top_k <= s.top_k_limit:
             raise BadRequest(f"top_k must be between 1 and {s.top_k_limit}, got {options.top_k}")
         return options

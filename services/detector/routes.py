@@ -49,7 +49,13 @@ TopK = Annotated[
     int | None, Query(ge=1, le=1000, description="Most tags per image (up to the service's limit).")
 ]
 MinScore = Annotated[
-    float | None, Query(ge=0, le=1, allow_inf_nan=False, description="Minimum tag probability.")
+    float | None,
+    Query(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Minimum tag probability; default the tagger's calibrated minimum (options.min_score).",
+    ),
 ]
 IncludeOutOfDomain = Annotated[
     bool,

@@ -25,6 +25,7 @@ from torch import Tensor
 from snap2caption.errors import ArtifactError
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.manifest import MANIFEST_NAME, verify_manifest, write_manifest
+from snap2caption.models.caption.calibration import CALIBRATION_FILE, Calibration, write_calibration
 from snap2caption.models.caption.config import CaptionConfig
 from snap2caption.models.caption.files import (
     CONFIG_FILE,
@@ -49,6 +50,7 @@ def save_caption_model(
     directory: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
     drift_reference: DriftReference | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write a model, its tokenizer and resolved config as an artifact folder.
 
@@ -60,6 +62,7 @@ def save_caption_model(
         directory: Target folder, created if needed; files of the same names are replaced.
         extra: JSON-serialisable facts to keep with the model (data version, metrics, git commit).
         drift_reference: The training data's drift reference, written as ``reference_stats.json``.
+        calibration: The confidence calibration training fitted, written as ``calibration.json``.
 
     Returns:
         The folder.
@@ -88,6 +91,10 @@ def save_caption_model(
         write_reference(drift_reference, out)
     else:
         (out / REFERENCE_FILE).unlink(missing_ok=True)  # a replaced model must not keep another's reference
+    if calibration is not None:
+        write_calibration(calibration, out)
+    else:
+        (out / CALIBRATION_FILE).unlink(missing_ok=True)  # nor another model's calibration
     write_manifest(out)
     return out
 

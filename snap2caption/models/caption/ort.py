@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption.calibration import calibrate, read_calibration
 from snap2caption.models.caption.decoding import (
     Caption,
     DecodingConfig,
@@ -64,7 +65,8 @@ class OrtCaptioner:
             says what each session got.
 
     Raises:
-        ArtifactError: No readable ``config.json`` of a caption artifact.
+        ArtifactError: No readable ``config.json`` of a caption artifact, or a malformed
+            ``calibration.json``.
         ValueError: No ONNX export (or no int8 decoder when asked), or files that do not match
             ``config.json``.
         ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
@@ -84,6 +86,7 @@ class OrtCaptioner:
         model = info["model"]
         self.runtime = "onnx-int8" if int8 else "onnx"
         self.image_max_side = image_max_side(info)
+        self.calibration = read_calibration(folder)
         self.tokenizer = CaptionTokenizer.load(folder)
         if self.tokenizer.describe() != info["tokenizer"]:
             raise ValueError(f"{folder}: tokenizer {self.tokenizer.describe()} does not match config.json")
@@ -132,7 +135,8 @@ class OrtCaptioner:
         bos = np.broadcast_to(self.wte[self.special.bos], (prefix.shape[0], 1, prefix.shape[2]))
         prompt = np.concatenate([prefix, bos], axis=1)  # (B, P + 1, D)
         results = generate_numpy(prompt, self, self.special, settings)
-        return [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+        captions = [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+        return calibrate(captions, self.calibration)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(N,) token ids -> (N, 1, D) embeddings."""

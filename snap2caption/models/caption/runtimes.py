@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption.calibration import Calibration, calibrate, read_calibration
 from snap2caption.models.caption.decoding import Caption, DecodingConfig
 from snap2caption.models.caption.files import REQUIRED_FILES, has_onnx
 from snap2caption.models.runtime import artifact_folder
@@ -42,6 +43,8 @@ class Captioner(Protocol):
         image_max_side: Longest side of the images training read, when the artifact records it.
         providers: ONNX Runtime's execution providers of each session (``encoder``, ``decoder``), best
             first; empty on torch.
+        calibration: The artifact's confidence calibration (``calibration.json``), applied to every
+            caption's ``calibrated``; None for an artifact without one.
     """
 
     runtime: str
@@ -49,6 +52,7 @@ class Captioner(Protocol):
     preprocess: Preprocess
     decoding: DecodingConfig
     image_max_side: int | None
+    calibration: Calibration | None
 
     @property
     def max_new_tokens_limit(self) -> int: ...
@@ -57,6 +61,7 @@ class Captioner(Protocol):
         self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
     ) -> list[Caption]:
         """Caption (B, 3, H, W) float32 preprocessed images; arguments left None take :attr:`decoding`'s.
+        Each caption's ``calibrated`` is set when the artifact has a calibration.
 
         Raises:
             ValueError: Settings out of range, or longer than :attr:`max_new_tokens_limit`.
@@ -93,6 +98,7 @@ class TorchCaptioner:
     Args:
         model: The model, in eval mode on its device.
         image_max_side: What the artifact records, if anything.
+        calibration: The artifact's confidence calibration, if any.
         static: Attach the static-cache decoder (``static.enabled``); the model's decoder is then cast to
             ``static.dtype`` in place.
     """
@@ -100,7 +106,11 @@ class TorchCaptioner:
     runtime = "torch"
 
     def __init__(
-        self, model: CaptionModel, image_max_side: int | None = None, static: StaticOptions | None = None
+        self,
+        model: CaptionModel,
+        image_max_side: int | None = None,
+        static: StaticOptions | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self.model = model
         self.providers: dict[str, list[str]] = {}  # no ONNX Runtime session
@@ -108,6 +118,7 @@ class TorchCaptioner:
         self.preprocess = model.preprocess
         self.decoding = model.config.decoding
         self.image_max_side = image_max_side
+        self.calibration = calibration
         self.max_new_tokens_limit = model.config.decoder.n_positions - model.prefix_len - 1
         if static is not None and static.enabled:
             import torch
@@ -130,11 +141,12 @@ class TorchCaptioner:
         import torch
 
         with torch.inference_mode():
-            return self.model.generate(
+            captions = self.model.generate(
                 torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
             )
+        return calibrate(captions, self.calibration)
 
 
 def load(
@@ -166,7 +178,8 @@ def load(
 
     Raises:
         ValueError: An unknown runtime, or an artifact without what the runtime needs.
-        ArtifactError: Files that do not match the manifest, or not a caption artifact.
+        ArtifactError: Files that do not match the manifest, not a caption artifact, or a malformed
+            ``calibration.json``.
         ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
     if runtime not in RUNTIMES:
@@ -182,7 +195,8 @@ def load(
 
         device = static.device if static else "cpu"
         model, _ = load_caption_model(folder, verify=False, device=device)
-        return TorchCaptioner(model, image_max_side(read_artifact_info(folder)), static)
+        info = read_artifact_info(folder)
+        return TorchCaptioner(model, image_max_side(info), static, read_calibration(folder))
     from snap2caption.models.caption.ort import OrtCaptioner
 
     return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8", providers=providers)

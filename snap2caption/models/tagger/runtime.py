@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 class Tagger:
     """Tags images with classifier classes, their readable names and hashtags, on one runtime.
 
+    ``min_score`` is the artifact's calibrated default minimum tag probability (``config.json``), which the
+    services apply unless a request asks for another; :meth:`tag` and :meth:`from_logits` take theirs
+    explicitly.
+
     Args:
         config: The artifact's classes and preprocessing.
         forward: ``(B, 3, H, W)`` float32 pixels -> ``(B, num_classes)`` float32 logits.
@@ -65,14 +69,18 @@ class Tagger:
         self.forward = forward
         self.runtime = runtime
         self.providers = providers or {}
+        self.min_score = config.min_score
         self.labels = list(config.labels)
         self.names = list(config.names)
         self.hashtags = [hashtag(name) for name in self.names]
         self.preprocess = Preprocess.from_dict(config.preprocess)
 
     @classmethod
-    def from_net(cls, net: TaggerNet, device: str | torch.device = "cpu") -> Tagger:
-        """The ``torch`` runtime on an in-memory network (moved to ``device``, eval mode)."""
+    def from_net(
+        cls, net: TaggerNet, device: str | torch.device = "cpu", config: TaggerConfig | None = None
+    ) -> Tagger:
+        """The ``torch`` runtime on an in-memory network (moved to ``device``, eval mode); ``config``: the
+        artifact's, when the network was loaded from one (default: the network's own, ``min_score`` 0)."""
         import torch
 
         net = net.to(device).eval()
@@ -81,7 +89,7 @@ class Tagger:
             with torch.inference_mode():
                 return net(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
 
-        return cls(net.config(), run, "torch")
+        return cls(config or net.config(), run, "torch")
 
     @classmethod
     def from_onnx(
@@ -205,4 +213,4 @@ def load(
         )
     from snap2caption.models.tagger.artifact import load_net
 
-    return Tagger.from_net(load_net(folder), device)
+    return Tagger.from_net(load_net(folder), device, read_config(folder))
