@@ -9,7 +9,9 @@ What it does, in one run on one machine, on the ``production`` models of one reg
    warm-up; then stops them.
 3. Backfill: ``run_backfill`` on the same folder (local Ray, all four features), into a fresh folder.
 4. Prints both rates and their ratio. The backfill's rate is given over its whole run (Ray's start
-   excluded, actor start and model loading included) and once its first batch came back.
+   excluded, actor start and model loading included) and once its first batch came back. Writes them with
+   the machine, load average, versions and arguments to a JSON result
+   (``bench/results/backfill-<UTC time>.json``, or ``--out``).
 
 Example::
 
@@ -25,11 +27,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_json import BenchRecord, add_out_argument
 from serving import free_port, synth_images
 
 
@@ -70,7 +75,13 @@ def gateway_rate(images: list[bytes], workdir: Path, warmup: int) -> tuple[float
     return len(images) / seconds, failed
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print its figures and write its JSON result.
+
+    Returns:
+        The figures written (``gateway``, ``backfill``, ``ratio``).
+    """
+    record = BenchRecord("backfill")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -78,7 +89,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5, help="Gateway requests before timing.")
     parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from snap2caption.backfill import BackfillConfig, run_backfill
@@ -107,6 +119,23 @@ def main() -> None:
         print(f"models: {summary.models}")
         print(f"ratio backfill / gateway: {summary.images_per_s / rate:.2f}x whole run, "
               f"{summary.steady_images_per_s / rate:.2f}x after the first batch")  # fmt: skip
+        figures = {
+            "gateway": {"images_per_s": rate, "failed": failed, "images": len(images)},
+            "backfill": {
+                "done": summary.done,
+                "quarantined": summary.quarantined,
+                "seconds": summary.seconds,
+                "images_per_s": summary.images_per_s,
+                "steady_images_per_s": summary.steady_images_per_s,
+                "models": summary.models,
+            },
+            "ratio": {
+                "whole_run": summary.images_per_s / rate,
+                "after_first_batch": summary.steady_images_per_s / rate,
+            },
+        }
+        record.write(figures, config={**vars(args), "tracking_uri": uri}, out=args.out)
+        return figures
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -44,7 +44,14 @@ class CaptionResult(WireModel):
     """The caption, how sure the model is, and whether the image is inside what the model learned."""
 
     text: str
-    confidence: float = Field(ge=0, le=1, description="Geometric-mean token probability.")
+    confidence: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "Calibrated probability that the caption is right (the captioner's confidence); the raw "
+            "geometric-mean token probability for a model without a calibration."
+        ),
+    )
     in_domain: bool | None = Field(
         default=None,
         description="Whether the image is inside the captioner's training domain; outside it the caption "

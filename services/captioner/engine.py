@@ -14,7 +14,6 @@ configured runtime (``torch``, ``onnx``, ``onnx-int8`` or ``auto``); this module
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +81,12 @@ class ImageCaption:
 
     Attributes:
         text: The caption.
-        confidence: Geometric-mean probability of the generated tokens, in [0, 1].
+        confidence: The calibrated probability that the caption is right, when the artifact has a
+            calibration (``calibration.json``); else the raw confidence.
         tokens: Number of caption tokens.
         model_version: The version that wrote it.
         runtime: The runtime that ran it (``torch``, ``onnx``, ``onnx-int8``).
+        raw_confidence: Geometric-mean probability of the generated tokens, in [0, 1].
         in_domain: Whether the image is inside the model's training domain (None: no domain model).
         domain_score: The domain model's p-value (None: no domain model).
     """
@@ -95,6 +96,7 @@ class ImageCaption:
     tokens: int
     model_version: int
     runtime: str = ""
+    raw_confidence: float = 0.0
     in_domain: bool | None = None
     domain_score: float | None = None
 
@@ -193,6 +195,7 @@ class CaptionEngine:
             folder,
             s.runtime,
             threads=s.threads,
+            providers=s.ort_providers(),
             static=StaticOptions(
                 device=s.device,
                 enabled=s.static_decoder,
@@ -223,6 +226,8 @@ class CaptionEngine:
         current = self.lane.store.current
         checks["drift"] = self.drift.status(current.version if current else None)
         checks["domain"] = domain_status(current.model if current else None)
+        if current is not None:
+            checks["calibrated"] = current.model.calibration is not None
         return Readiness(ready=problem is None, checks=checks, reason=problem or "")
 
     # ------------------------------------------------------------------------------ requests
@@ -299,15 +304,16 @@ class CaptionEngine:
         out = [
             ImageCaption(
                 c.text,
-                math.exp(c.confidence),
+                c.probability,
                 c.n_tokens,
                 loaded.version,
                 captioner.runtime,
+                c.raw_probability,
                 c.in_domain,
                 c.domain_score,
             )
             for c in captions
         ]
-        for result in out:  # output drift: the reference holds the test split's confidences
-            self.drift.observe(loaded.version, {"caption_confidence": result.confidence})
+        for result in out:  # output drift: the reference holds the test split's raw confidences
+            self.drift.observe(loaded.version, {"caption_confidence": result.raw_confidence})
         return out

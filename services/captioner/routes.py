@@ -63,6 +63,7 @@ async def caption(
                 filename=name,
                 caption=c.text,
                 confidence=c.confidence,
+                raw_confidence=c.raw_confidence,
                 tokens=c.tokens,
                 in_domain=c.in_domain,
                 domain_score=c.domain_score,

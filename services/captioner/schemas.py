@@ -14,6 +14,15 @@ class ImageCaptionResult(BaseModel):
     filename: str | None = Field(default=None, description="The upload's file name, for multipart requests.")
     caption: str
     confidence: float = Field(
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Calibrated probability that the caption is right (its (colour, shape) pairs all correct, on the "
+            "data the model was calibrated on); equal to raw_confidence for a model without a calibration "
+            "(/readyz: calibrated false)."
+        ),
+    )
+    raw_confidence: float = Field(
         ge=0.0, le=1.0, description="Geometric-mean probability of the generated tokens; higher is surer."
     )
     tokens: int = Field(ge=0, description="Number of caption tokens generated (EOS not counted).")

@@ -108,7 +108,14 @@ class Settings(ServiceSettings):
     # ---- outputs
     default_max_tags: int = Field(default=5, ge=1, le=50, description="Tags per image unless asked.")
     alt_text_min_confidence: float = Field(
-        default=0.35, ge=0, le=1, description="Below this caption confidence alt text falls back to labels."
+        default=0.5,
+        ge=0,
+        le=1,
+        description=(
+            "Below this caption confidence alt text falls back to labels. The captioner's confidence is a "
+            "calibrated probability that the caption is right, so 0.5 = use the caption only when it is "
+            "more likely right than wrong (on the data the model was calibrated on)."
+        ),
     )
     alt_text_max_chars: int = Field(default=125, ge=20, le=1000, description="Longest alt text.")
 

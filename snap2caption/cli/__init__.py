@@ -21,6 +21,7 @@ from snap2caption.cli.registry import registry
 from snap2caption.cli.release import release
 from snap2caption.cli.serve import serve
 from snap2caption.cli.train import train_group
+from snap2caption.cli.tune import tune_group
 from snap2caption.cli.up import up
 from snap2caption.logs import configure_logging
 
@@ -39,6 +40,7 @@ main.add_command(serve)
 main.add_command(up)
 main.add_command(bootstrap)
 main.add_command(train_group)
+main.add_command(tune_group)
 main.add_command(eval_group)
 main.add_command(export_group)
 main.add_command(analyze)

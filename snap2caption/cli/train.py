@@ -97,6 +97,15 @@ def train_detector_command(overrides: tuple[str, ...], config_name: str, **optio
         f"job {result.total_seconds:.0f} s; {ev.split} mAP50-95 {ev.map50_95:.4f} mAP50 {ev.map50:.4f} "
         f"({ev.images} images, pycocotools on ONNX predictions)"
     )
+    if result.domain is not None:
+        photos = result.domain.real_photo_detection_rate
+        click.echo(
+            f"domain: rejects {result.domain.test_rejection_rate:.3f} of {result.domain.test_images} "
+            "held-out test images (in domain), "
+            + ("not measured on real photos" if photos is None else f"{photos:.3f} of real photos")
+        )
+    else:
+        click.echo("domain: none written (see the warning above)")
     click.echo(f"artifact: {result.artifact_dir}  (MLflow run {result.run_id})")
     if result.version is not None:
         click.echo(f"registered {config.run.name} v{result.version} as candidate")

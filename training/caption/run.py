@@ -1,5 +1,5 @@
 """One caption training run end to end, in named phases: data -> model -> (cached features) -> tracking ->
-fit -> test -> domain -> artifact -> registry -> summary.
+fit -> test -> domain -> confidence calibration -> artifact -> registry -> summary.
 
 ``snap2caption train caption`` calls :func:`train_caption`; so do the tests, with the ``tiny`` preset. Every
 setting of the run is in its config (:class:`~training.caption.config.CaptionRunConfig`: ``run``, ``model``,
@@ -7,7 +7,8 @@ setting of the run is in its config (:class:`~training.caption.config.CaptionRun
 
 Output folder (``run.out``)::
 
-    <out>/model/          the artifact (safetensors, config, tokenizer, domain, model card, MANIFEST.json)
+    <out>/model/          the artifact (weights, config, tokenizer, calibration, domain, model card,
+                          MANIFEST.json)
     <out>/checkpoints/    resumable checkpoints (``run.resume``; ``run.checkpoints`` puts them elsewhere)
     <out>/metrics.json    test and validation metrics, timings, provenance, registered version
     <out>/samples.json    test image / references / prediction triples
@@ -34,6 +35,11 @@ from torch import Tensor
 
 from snap2caption.config import ConfigError
 from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.calibration import (
+    Calibration,
+    expected_calibration_error,
+    fit_platt,
+)
 from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, build_tokenizer
@@ -50,7 +56,7 @@ from training.callbacks.early_stopping import EarlyStopping
 from training.callbacks.progress import ProgressCallback
 from training.caption.config import CaptionRunConfig
 from training.caption.data import CaptionPairs, SplitData, image_loader, manifest_path
-from training.caption.evaluate import EvalResult, evaluate_split
+from training.caption.evaluate import EvalResult, evaluate_split, pairs_right
 from training.caption.features import cached_features
 from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
 from training.caption.train import CaptionTrainer, TrainState, auto_threads, resolve_device
@@ -199,9 +205,15 @@ def train_caption(
             callbacks.on_test_end(trainer, test)
         with timed(timings, "domain_s"):
             domain = describe_domain(config, model, splits, pairs, val_features, provenance, tracker)
+        calibration = None
+        if splits.val is not None and len(splits.val):
+            with timed(timings, "calibration_s"):
+                calibration = calibrate_confidence(config, model, splits.val, splits.test, test, progress)
+            if tracker is not None:
+                tracker.log_metrics(calibration_metrics(calibration), state.step)
         with timed(timings, "save_s"):
             artifact, training = save_artifact(
-                config, trainer, test, provenance, tracker, timings, started, domain
+                config, trainer, test, calibration, provenance, tracker, timings, started, domain
             )
             callbacks.on_model_saved(trainer, artifact)
         registered = None
@@ -211,7 +223,7 @@ def train_caption(
                 registered = register_model(config, tracker, artifact, test, state, provenance)
         timings["total_s"] = time.monotonic() - started
         summary = write_summary(
-            config, trainer, test, training, provenance, tracker, registered, timings, domain
+            config, trainer, test, calibration, training, provenance, tracker, registered, timings, domain
         )
         failed = False
     finally:
@@ -510,19 +522,99 @@ def describe_domain(
     return domain
 
 
+# What "right" means for the calibrated caption confidence (stored in calibration.json).
+RIGHT = (
+    "the (colour, shape) pairs the caption names equal those its references name (pair exact match; "
+    "the synthetic benchmark's vocabulary)"
+)
+
+
+def calibrate_confidence(
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    val: SplitData,
+    test_split: SplitData | None,
+    test: EvalResult | None,
+    progress: bool | None,
+) -> Calibration:
+    """Fit the caption confidence's calibration on the validation split; measure its ECE held out.
+
+    The final model captions every validation image from its file (the serving path) with its own decoding
+    defaults (what the captioner serves); a caption is right when its (colour, shape) pairs equal the
+    references' (:func:`~training.caption.evaluate.pairs_right`). Platt scaling is fitted on all of them and
+    the ECE before/after is measured on the test split's captions (already made by the test phase, with the
+    same decoding unless ``train.eval_num_beams`` changed it). Without such test captions it is fitted on the
+    even-numbered validation images and measured on the odd ones.
+    """
+    cfg = config.train
+    result = evaluate_split(
+        model,
+        val,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        scorer="python",
+        metrics=["CIDEr-D"],
+        progress=progress is True,
+    )
+    raw = result.confidences
+    right = [pairs_right(refs, result.predictions[i]) for i, refs in val.references().items()]
+    served_beams = model.config.decoding.num_beams
+    if test is not None and test_split is not None and cfg.eval_num_beams in (0, served_beams):
+        references = test_split.head(cfg.test_max_images).references()
+        fit_raw, fit_right, fit_split = raw, right, val.name
+        eval_raw = test.confidences
+        eval_right = [pairs_right(refs, test.predictions[i]) for i, refs in references.items()]
+        eval_split = test.split
+    else:
+        fit_raw, fit_right, fit_split = raw[::2], right[::2], f"{val.name} (even-numbered images)"
+        eval_raw, eval_right, eval_split = raw[1::2], right[1::2], f"{val.name} (odd-numbered images)"
+    slope, intercept = fit_platt(fit_raw, fit_right)
+    fitted = Calibration(slope, intercept, RIGHT, fit_split, len(fit_raw), sum(fit_right))
+    if not eval_raw:
+        return fitted
+    calibration = dataclasses.replace(
+        fitted,
+        eval_split=eval_split,
+        n_eval=len(eval_raw),
+        ece_before=expected_calibration_error(eval_raw, eval_right),
+        ece_after=expected_calibration_error(fitted.apply(np.asarray(eval_raw)), eval_right),
+    )
+    logger.info(
+        "confidence calibration: slope %.3f intercept %.3f on %d %s captions (%d right); ECE on %d %s "
+        "captions %.4f -> %.4f",
+        slope, intercept, len(fit_raw), fit_split, sum(fit_right), len(eval_raw), eval_split,
+        calibration.ece_before, calibration.ece_after,
+    )  # fmt: skip
+    return calibration
+
+
+def calibration_metrics(calibration: Calibration) -> dict[str, float]:
+    """The calibration's numbers as MLflow metrics (``calibration_ece_before`` / ``_after`` / ...)."""
+    metrics = {
+        "calibration_slope": calibration.slope,
+        "calibration_intercept": calibration.intercept,
+        "calibration_n_fit": float(calibration.n_fit),
+    }
+    if calibration.ece_before is not None and calibration.ece_after is not None:
+        metrics["calibration_ece_before"] = calibration.ece_before
+        metrics["calibration_ece_after"] = calibration.ece_after
+    return metrics
+
+
 def save_artifact(
     config: CaptionRunConfig,
     trainer: CaptionTrainer,
     test: EvalResult | None,
+    calibration: Calibration | None,
     provenance: Provenance,
     tracker: MlflowCallback | None,
     timings: dict[str, float],
     started: float,
     domain: DomainModel | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the domain model
-    (``domain.json`` + ``domain.npz``, when there is one), the model card and the ONNX export (what the
-    ``onnx`` runtimes load); ``MANIFEST.json`` covers all of them.
+    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the confidence calibration,
+    the domain model (``domain.json`` + ``domain.npz``, when there is one), the model card and the ONNX
+    export (what the ``onnx`` runtimes load); ``MANIFEST.json`` covers all of them.
 
     Returns:
         The artifact folder, and the training facts the model card states.
@@ -552,6 +644,7 @@ def save_artifact(
         model.tokenizer,
         artifact,
         drift_reference=drift_reference(Path(config.run.data), facts.version, test),
+        calibration=calibration,
         extra={
             "preset": config.run.preset,
             "dataset_version": facts.version,
@@ -607,6 +700,7 @@ def write_summary(
     config: CaptionRunConfig,
     trainer: CaptionTrainer,
     test: EvalResult | None,
+    calibration: Calibration | None,
     training: dict[str, Any],
     provenance: Provenance,
     tracker: MlflowCallback | None,
@@ -633,6 +727,7 @@ def write_summary(
         },
         "test": test.to_dict() if test else None,
         "domain": _domain_summary(domain),
+        "calibration": calibration.to_dict() if calibration else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "dataset": {"path": facts.data_dir, "version": facts.version, "images": facts.images},
         "git_commit": provenance.commit,
