@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 DEFAULT_MAX_CHARS = 125
+# The caption's confidence is a calibrated probability that it is right (the captioner's calibration.json):
+# 0.5 uses a caption as alt text only when it is more likely right than wrong. The gateway's and the
+# backfill's default.
+DEFAULT_MIN_CONFIDENCE = 0.5
 FALLBACK_PREFIX = "Image may contain: "
 MAX_FALLBACK_LABELS = 5
 

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.gateway.db import default_database_url
+from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE
 from snap2caption.http import ServiceSettings
 
 Profile = Literal["local", "production"]
@@ -108,7 +109,7 @@ class Settings(ServiceSettings):
     # ---- outputs
     default_max_tags: int = Field(default=5, ge=1, le=50, description="Tags per image unless asked.")
     alt_text_min_confidence: float = Field(
-        default=0.5,
+        default=DEFAULT_MIN_CONFIDENCE,
         ge=0,
         le=1,
         description=(

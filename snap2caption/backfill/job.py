@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE
 from snap2caption.api import FEATURES, Feature
 from snap2caption.backfill.inputs import list_images
 from snap2caption.backfill.output import (
@@ -68,7 +69,8 @@ class BackfillConfig:
         part_rows: Result rows per Parquet part (the most a crash can lose).
         limit: Do at most this many new images this run (None: all).
         gender_neutral: Gender-neutral wording in captions and alt text.
-        alt_text_min_confidence: Below this caption confidence, alt text falls back to labels (the gateway's).
+        alt_text_min_confidence: Below this calibrated caption confidence, alt text falls back to labels
+            (the gateway's default).
         alt_text_max_chars: Longest alt text.
         progress: Ray Data's progress bars.
     """
@@ -91,7 +93,7 @@ class BackfillConfig:
     part_rows: int = 1000
     limit: int | None = None
     gender_neutral: bool = False
-    alt_text_min_confidence: float = 0.35
+    alt_text_min_confidence: float = DEFAULT_MIN_CONFIDENCE
     alt_text_max_chars: int = 125
     progress: bool = True
 

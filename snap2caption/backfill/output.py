@@ -14,6 +14,7 @@ overwrites. The keys in both folders are the images already done: a run skips th
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,11 +37,14 @@ RESULT_SCHEMA = pa.schema(
         ("width", pa.int32()),  # the original's, after EXIF orientation: the frame of the boxes
         ("height", pa.int32()),
         ("caption", pa.string()),  # null: not asked for
-        ("caption_confidence", pa.float32()),
+        ("caption_confidence", pa.float32()),  # calibrated probability that it is right (when calibrated)
+        ("caption_in_domain", pa.bool_()),  # the captioner's domain answer (null: no domain model)
         ("alt_text", pa.string()),
         ("alt_text_source", pa.string()),  # caption | fallback
         ("tags", pa.list_(TAG_TYPE)),
-        ("objects", pa.list_(OBJECT_TYPE)),
+        ("objects", pa.list_(OBJECT_TYPE)),  # empty when the detector is outside its domain (withheld)
+        ("objects_in_domain", pa.bool_()),  # the detector's domain answer (null: no domain model)
+        ("objects_withheld", pa.int32()),  # detections withheld because the image is outside its domain
         ("caption_model", pa.string()),  # NAME/VERSION of the model that wrote the column
         ("tags_model", pa.string()),
         ("objects_model", pa.string()),
@@ -73,6 +77,14 @@ def result_row(row: dict[str, Any]) -> dict[str, Any]:
     out["path"] = row["key"]
     for column in ("tags", "objects"):
         out[column] = json.loads(row[column]) if row.get(column) else None
+    # Ray Data carries a column whose values are all None as floats (NaN): back to null, and to the
+    # column's own type otherwise.
+    for column, kind in (("caption_in_domain", bool), ("objects_in_domain", bool), ("objects_withheld", int)):
+        value = out[column]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            out[column] = None
+        else:
+            out[column] = kind(value)
     return out
 
 

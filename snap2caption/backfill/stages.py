@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from snap2caption.errors import ImageError
 from snap2caption.hashing import sha256_file
 from snap2caption.imaging import DecodeLimits, decode_image, probe_image, resize_max_side
 from snap2caption.manifest import MANIFEST_NAME
+from snap2caption.models.domain import DomainCheck
 from snap2caption.models.runtime import RuntimeChoice
 
 Batch = dict[str, Any]
@@ -92,7 +92,8 @@ class ModelOptions:
         iou: NMS IoU threshold.
         max_det: Most objects per image.
         top_k: Most tags per image.
-        min_tag_score: Minimum tag probability.
+        min_tag_score: Minimum tag probability (None: the tagger artifact's calibrated ``min_score``, as the
+            detector service).
     """
 
     tracking_uri: str | None = None
@@ -102,7 +103,7 @@ class ModelOptions:
     iou: float = 0.45
     max_det: int = 100
     top_k: int = 5
-    min_tag_score: float = 0.0
+    min_tag_score: float | None = None
 
 
 def _node() -> str:
@@ -197,13 +198,13 @@ class CaptionStage:
             pixels = preprocess.batch([resize_max_side(im, self.max_side) for im in _images(batch, rows)])
             for i, c in zip(rows, self.captioner.generate(pixels), strict=True):  # pixels: (B, 3, H, W)
                 text[i] = gender_neutral(c.text) if self.neutral else c.text
-                confidence[i] = math.exp(c.confidence)  # mean token log-probability -> [0, 1]
+                confidence[i] = c.probability  # calibrated when the artifact has a calibration
                 in_domain[i] = c.in_domain
         return {
             **batch,
             "caption": text,
             "caption_confidence": confidence,
-            "caption_in_domain": in_domain,  # not a result column: read by alt_text_batch
+            "caption_in_domain": in_domain,
             "caption_model": [self.label] * n,
             "node_caption": [self.node] * n,
         }
@@ -233,9 +234,12 @@ class TagStage:
         n = len(batch["key"])
         tags: list[str | None] = [None] * n
         if rows:
+            o = self.options
             logits = self.tagger.forward(self.tagger.preprocess.batch(_images(batch, rows)))  # (B, classes)
             found = self.tagger.from_logits(
-                logits, top_k=self.options.top_k, min_score=self.options.min_tag_score
+                logits,
+                top_k=o.top_k,
+                min_score=self.tagger.min_score if o.min_tag_score is None else o.min_tag_score,
             )
             for i, image_tags in zip(rows, found, strict=True):
                 tags[i] = json.dumps(
@@ -246,7 +250,9 @@ class TagStage:
 
 class ObjectStage:
     """An actor with the detector: ``objects`` (JSON list of ``{label, score, box}``, boxes in the
-    original's pixels after EXIF orientation) per accepted row."""
+    original's pixels after EXIF orientation) per accepted row, ``objects_in_domain`` (the detector's domain
+    answer) and ``objects_withheld``: as the detector service, the objects of an image outside the
+    detector's domain are withheld (an empty list and their count)."""
 
     def __init__(self, model: ModelRef, options: ModelOptions) -> None:
         from snap2caption.models import detector
@@ -270,12 +276,23 @@ class ObjectStage:
         rows = _ok(batch)
         n = len(batch["key"])
         objects: list[str | None] = [None] * n
+        in_domain: list[bool | None] = [None] * n
+        withheld: list[int | None] = [None] * n
         if rows:
             d, o = self.detector, self.options
             boxed = [letterbox(im, d.imgsz, d.config.pad_value) for im in _images(batch, rows)]
-            raw = d.raw(np.stack([pixels for pixels, _ in boxed]))  # (B, 4 + nc, anchors)
+            raw, features = d.forward(np.stack([pixels for pixels, _ in boxed]))  # (B, 4 + nc, anchors)
             found = postprocess(raw, [box for _, box in boxed], d.names, o.conf, o.iou, o.max_det)
-            for i, (_, box), detections in zip(rows, boxed, found, strict=True):
+            found_checks = d.check_domain(features)
+            checks: list[DomainCheck | None] = (
+                list(found_checks) if found_checks is not None else [None] * len(rows)
+            )
+            for i, (_, box), detections, check in zip(rows, boxed, found, checks, strict=True):
+                withheld[i] = 0
+                if check is not None:
+                    in_domain[i] = check.in_domain
+                    if not check.in_domain:
+                        withheld[i], detections = len(detections), []
                 # Boxes come in the decoded copy's pixels; the rows give them in the original's.
                 width, height = int(batch["width"][i]), int(batch["height"][i])
                 sx, sy = width / box.width, height / box.height
@@ -296,6 +313,8 @@ class ObjectStage:
         return {
             **batch,
             "objects": objects,
+            "objects_in_domain": in_domain,
+            "objects_withheld": withheld,
             "objects_model": [self.label] * n,
             "node_objects": [self.node] * n,
         }

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from snap2caption.alt_text import make_alt_text
+from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE, make_alt_text
 from snap2caption.backfill import BackfillConfig, run_backfill
 from snap2caption.backfill.output import QUARANTINE, RESULTS, read_results
 from snap2caption.backfill.stages import ModelOptions, alt_text_batch
@@ -91,12 +91,24 @@ def test_rows_quarantine_resume_and_idempotence(tmp_path: Path, registry_uri: st
             "captioner/1", "tagger/1", "detector/1",
         )  # fmt: skip
         assert 1 <= len(row["tags"]) <= 5 and all(t["hashtag"].startswith("#") for t in row["tags"])
+        # As the detector service: an image outside the detector's domain has its objects withheld.
+        assert row["objects_withheld"] >= 0
+        if row["objects_in_domain"] is False:
+            assert row["objects"] == []
+        else:
+            assert row["objects_withheld"] == 0
         for obj in row["objects"]:
             box = obj["box"]
             assert 0 <= box["x1"] <= box["x2"] <= 96 and 0 <= box["y1"] <= box["y2"] <= 72
         # The gateway's alt-text rules on this row's own caption and labels.
         labels = [t["name"] for t in row["tags"]] + [o["label"] for o in row["objects"]]
-        expected = make_alt_text(row["caption"], row["caption_confidence"], labels, min_confidence=0.35)
+        expected = make_alt_text(
+            row["caption"],
+            row["caption_confidence"],
+            labels,
+            min_confidence=DEFAULT_MIN_CONFIDENCE,
+            caption_in_domain=row["caption_in_domain"],
+        )
         assert expected is not None
         assert (row["alt_text"], row["alt_text_source"]) == (expected.text, expected.source)
 
