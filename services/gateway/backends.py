@@ -370,6 +370,9 @@ class BackendClient:
             response = await self.client.get("/readyz", timeout=2.0)
         except httpx.HTTPError as exc:
             self.health.detail = f"unreachable: {type(exc).__name__}"
+            # Serves nothing now: no canary share goes to it until a 200 says what it serves again (its
+            # last 200 may be a previous process's on the same port).
+            self.health.versions = frozenset()
             return
         if response.status_code == 200:
             self.health.last_ok = time.monotonic()
@@ -380,6 +383,11 @@ class BackendClient:
         else:
             _, message = _envelope(response)
             self.health.detail = f"{response.status_code}: {message}"
+            self.health.versions = frozenset()  # not ready: nothing to route a canary share to
+
+    def forget_health(self) -> None:
+        """Forget what past ``/readyz`` polls said: nothing is routed to it on their word any more."""
+        self.health = BackendHealth()
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

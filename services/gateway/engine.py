@@ -215,8 +215,10 @@ class Gateway:
             logger.info("running canaries: %s", {m: f"v{r.version} {r.share:g}%" for m, r in running.items()})
         for model, release in running.items():
             if model in self.canaries and self.running.get(model) != release:
-                # A new release: the last canary's failures (its circuit) say nothing about this one.
+                # A new release: the last canary's failures (its circuit) and readiness say nothing about
+                # this one; its share waits for a /readyz 200 polled after the release started.
                 self.canaries[model].breaker.reset()
+                self.canaries[model].forget_health()
         self.running = running
         for model in MODELS:
             release = running.get(model)
