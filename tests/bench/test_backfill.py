@@ -22,7 +22,11 @@ def test_smoke_run_writes_its_result(
 ) -> None:
     # The script sets these for itself and what it starts; the test process gets them back.
     for name in ("MLFLOW_TRACKING_URI", "SNAP2CAPTION_HOME", "SNAP2CAPTION_LOG_LEVEL"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first: a plain delenv of an unset variable records nothing to restore, so what the
+        # script sets would leak into every later test (SNAP2CAPTION_LOG_LEVEL=WARNING did: a later test
+        # reading a service's INFO log failed).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     out = tmp_path / "backfill.json"
     args = ["--tracking-uri", stack.registry_uri, "--images", "4", "--warmup", "1", "--batch-size", "2"]
