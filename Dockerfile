@@ -1,7 +1,8 @@
 # Snap2Caption's images: one Dockerfile, one target per image. `make images` (scripts/images.sh) builds them;
 # docker-compose.yml runs them.
 #
-#   serving     gateway, captioner, detector and ETL (the command picks which): ONNX Runtime, no torch
+#   serving     gateway, captioner and detector (the command picks which): ONNX Runtime, no torch
+#   etl         the ETL service: the serving image plus pyarrow (Parquet), one layer on top of it
 #   training    training, evaluation, export and `snap2caption bootstrap`: the serving code plus torch
 #   mlflow      the MLflow tracking server: registry and artifact proxy, its store in Postgres
 #   postgres    PostgreSQL 15 (Debian's), for MLflow and the gateway's inference log
@@ -26,12 +27,20 @@ RUN groupadd --system --gid 10001 app \
 
 # --------------------------------------------------------------------------- dependencies (cached layers)
 # Keyed on pyproject.toml alone (scripts/requirements.py reads it), so a code change leaves them cached.
+# pyarrow (~170 MB) is left out: only the ETL (and training) read or write Parquet; the gateway and the
+# model services never import it (tests/containers/test_images.py holds them to that).
 FROM python AS deps
 COPY scripts/requirements.py pyproject.toml infra/containers/pip.sh /build/
 RUN python3 -m venv /opt/venv
 RUN --mount=type=secret,id=ca-bundle \
-    python3 /build/requirements.py /build/pyproject.toml serve postgres > /build/serve.txt \
+    python3 /build/requirements.py /build/pyproject.toml --exclude pyarrow serve postgres > /build/serve.txt \
     && /build/pip.sh install -r /build/serve.txt
+
+# pyarrow for the ETL image, in a folder of its own that the etl stage copies on top of the serving image.
+FROM deps AS deps-etl
+RUN --mount=type=secret,id=ca-bundle \
+    python3 /build/requirements.py /build/pyproject.toml --only pyarrow > /build/etl.txt \
+    && /build/pip.sh install --no-deps --target /opt/etl-packages -r /build/etl.txt
 
 FROM deps AS deps-serving
 RUN /build/pip.sh uninstall --yes pip setuptools
@@ -72,12 +81,24 @@ COPY --from=deps-serving /opt/venv /opt/venv
 COPY --from=project /opt/snap2caption /opt/snap2caption
 WORKDIR /var/lib/snap2caption
 USER app
-EXPOSE 8000 8001 8002 8003
+EXPOSE 8000 8001 8002
 # Liveness of whichever service runs; the compose file points it at each service's port.
 ENV SNAP2CAPTION_HEALTHCHECK_URL=http://127.0.0.1:8000/healthz
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['SNAP2CAPTION_HEALTHCHECK_URL'], timeout=4)"]
 CMD ["snap2caption", "serve", "gateway", "--host", "0.0.0.0"]
+
+# ------------------------------------------------------------------------------------------------------ etl
+# The serving image and one more layer: its layers are shared on disk and in a registry.
+FROM serving AS etl
+COPY --from=deps-etl /opt/etl-packages /opt/etl-packages
+ENV PYTHONPATH=/opt/snap2caption:/opt/etl-packages \
+    SNAP2CAPTION_HEALTHCHECK_URL=http://127.0.0.1:8003/healthz
+USER app
+EXPOSE 8003
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['SNAP2CAPTION_HEALTHCHECK_URL'], timeout=4)"]
+CMD ["snap2caption", "serve", "etl", "--host", "0.0.0.0", "--port", "8003"]
 
 # ------------------------------------------------------------------------------------------------- training
 # On the dependency stage itself, not a copy of its venv: that is ~8 GB (torch's CUDA libraries), and a

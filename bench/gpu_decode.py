@@ -12,14 +12,18 @@ after warm-up, CUDA synchronised around each call. Rows:
 - agreement: the static decoder's tokens vs :meth:`CaptionModel.generate` with the Hugging Face step (the
   same decoding loop) in float32; equal in float32, a bf16 run may flip near-ties of a random model.
 
-Every ratio is against a baseline measured in the same run. Shapes: ``paper`` (ResNet-50 + transformer
-mapping + GPT-2 Medium, vocabulary 50257, random init: ``training/configs/caption/paper.yaml`` with
-``encoder.pretrained=false decoder.pretrained=null lora.enabled=false``), ``gpt2-small`` (the same with
-GPT-2 small's sizes) or ``smoke`` (a tiny model: what CPU runs use so that the script itself is tested).
+Every ratio is against a baseline measured in the same run; the figures go, with the machine (and the
+GPU), load average, versions and arguments, to a JSON result (``bench/results/gpu_decode-<UTC time>.json``,
+or ``--out``). ``--device cuda`` on a machine without a CUDA device is refused before anything runs.
+
+Shapes: ``paper`` (ResNet-50 + transformer mapping + GPT-2 Medium, vocabulary 50257, random init:
+``training/configs/caption/paper.yaml`` with ``encoder.pretrained=false decoder.pretrained=null
+lora.enabled=false``), ``gpt2-small`` (the same with GPT-2 small's sizes) or ``smoke`` (a tiny model: what
+CPU runs use so that the script itself is tested).
 Nothing is downloaded: weights are random and the tokenizer is a BPE trained on a few captions.
 
 GPU numbers are unmeasured here: no GPU was available in the session that wrote this script, and only the
-CPU smoke run has been executed (tests/snap2caption/models/caption/test_static.py). Targets (DESIGN.md,
+CPU smoke run has been executed (tests/bench/test_gpu_decode.py). Targets (DESIGN.md,
 one H100, paper shapes): batch-1 latency <= 15 ms (HF eager fp32: 294 ms), >= 4,000 images/s saturated
 (HF eager bf16 at batch 512: 1,136/s).
 
@@ -32,10 +36,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +49,9 @@ from torch import Tensor
 from snap2caption.models.caption.config import CaptionConfig
 from snap2caption.models.caption.model import CaptionModel, build_caption_model
 from snap2caption.models.caption.static import StaticDecoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_json import BenchRecord, add_out_argument
 
 PAPER = Path(__file__).resolve().parents[1] / "training" / "configs" / "caption" / "paper.yaml"
 RANDOM_INIT = ["encoder.pretrained=false", "decoder.pretrained=null", "lora.enabled=false"]
@@ -114,12 +123,16 @@ def seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Run the benchmark and print its table.
+    """Run the benchmark, print its table and write its JSON result.
 
     Returns:
         The measured values by name (``hf_b1_ms``, ``static_b1_ms``, ``hf_{B}_ips``, ``static_{B}_ips``,
-        ``agreement``), for tests and scripts.
+        ``agreement``, ``attach_s``), for tests and scripts.
+
+    Raises:
+        SystemExit: ``--device cuda`` (or ``cuda:N``) where torch sees no CUDA device.
     """
+    record = BenchRecord("gpu_decode")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -135,10 +148,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         default=1,
         help="torch intra-op threads (1: see bench/models.py on shared cores)",
     )
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: torch sees no CUDA device (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda or 'none'}); run it on a GPU machine, or with "
+            "--device cpu for the smoke shapes (what the CPU tests run, not a GPU measurement)"
+        )
     shapes = args.shapes or ("paper" if cuda else "smoke")
     batches = [int(b) for b in (args.batches or ("64,128,256,512" if cuda else "4")).split(",")]
     dtype = torch.bfloat16 if cuda else torch.float32  # CPU bf16 matmuls are slow without AMX
@@ -182,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         static_tokens = loop_generate(model, pixels[: batches[0]], tokens)
     same = sum(a == b for a, b in zip(static_tokens, reference, strict=True))
     results["agreement"] = same / len(reference)
+    results["attach_s"] = attach_s
 
     label = f"static {str(dtype).removeprefix('torch.')}" + (
         "" if args.no_graphs or not cuda else " + graphs"
@@ -198,6 +219,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ratios = "".join(f"{results[f'static_{b}_ips'] / results[f'hf_{b}_ips']:>11.2f}x" for b in batches)
     print(f"{'ratio static / HF':<34}{ratios}")
     print(f"\nagreement with the fp32 HF-step loop at batch {batches[0]}: {same}/{len(reference)} rows")
+    config: dict[str, Any] = {
+        **vars(args),
+        "device_name": name,
+        "shapes": shapes,
+        "batches": batches,
+        "dtype": str(dtype).removeprefix("torch."),
+        "cuda_graphs": cuda and not args.no_graphs,
+        "model_sizes": sizes,
+    }
+    record.write(results, config=config, out=args.out)
     return results
 
 

@@ -3,7 +3,8 @@
 Measures what a service call costs per image, end to end in-process: preprocessing (letterbox / resize +
 crop), the network, post-processing (NMS / tags). Batch 1 and 8 by default, a fixed intra-op thread count
 for both runtimes, warm-up first, median of the timed repeats. Prints ms per image and the ratio of each
-runtime to PyTorch measured in the same run.
+runtime to PyTorch measured in the same run, and writes them with the machine, load average, versions and
+arguments to a JSON result (``bench/results/models-<UTC time>.json``, or ``--out``).
 
     python bench/models.py --detector DIR --tagger DIR [--data data/processed] [--threads 2] [--repeats 20]
 
@@ -18,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_json import BenchRecord, add_out_argument
 
 
 def _images_from(data: Path | None, count: int) -> list[Image.Image]:
@@ -55,16 +61,31 @@ def _ms_per_image(fn: Callable[[Sequence[Image.Image]], object], images: list[Im
     return statistics.median(times) * 1000 / batch
 
 
-def _report(model: str, rows: dict[str, dict[int, float]], batches: Sequence[int]) -> None:
+def _report(model: str, rows: dict[str, dict[int, float]], batches: Sequence[int]) -> dict[str, Any]:
+    """Print one model's table; return it as figures: ms per image and the ratio to PyTorch, by batch."""
     base = rows["pytorch"]
     print(f"\n{model}")
     print(f"{'runtime':<12}" + "".join(f"{f'batch {b} ms/img':>18}{'vs torch':>10}" for b in batches))
     for runtime, values in rows.items():
         cells = "".join(f"{values[b]:>18.2f}{base[b] / values[b]:>9.2f}x" for b in batches)
         print(f"{runtime:<12}{cells}")
+    return {
+        "model": model,
+        "ms_per_image": {runtime: {str(b): values[b] for b in batches} for runtime, values in rows.items()},
+        "vs_pytorch": {
+            runtime: {str(b): base[b] / values[b] for b in batches} for runtime, values in rows.items()
+        },
+    }
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print its tables and write its JSON result.
+
+    Returns:
+        The figures written: per model asked for (``detector``, ``tagger``), ms per image by runtime and
+        batch, and the ratios to PyTorch.
+    """
+    record = BenchRecord("models")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -76,11 +97,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="Intra-op threads for torch and ORT.")
     parser.add_argument("--batches", default="1,8", help="Comma-separated batch sizes.")
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} (torch intra-op and ORT intra_op_num_threads), repeats={args.repeats}, "
           f"median; per image, preprocessing + network + post-processing")  # fmt: skip
+    figures: dict[str, Any] = {}
 
     if args.detector:
         from snap2caption.models import detector
@@ -97,7 +120,7 @@ def main() -> None:
             name: {b: _ms_per_image(lambda x, d=det: d.detect(x), images, b, args.repeats) for b in batches}
             for name, det in runtimes.items()
         }
-        _report(
+        figures["detector"] = _report(
             f"detector ({runtimes['pytorch'].config.model}, {runtimes['pytorch'].imgsz} px)", rows, batches
         )
 
@@ -116,7 +139,9 @@ def main() -> None:
             name: {b: _ms_per_image(fn, photos, b, args.repeats) for b in batches}
             for name, fn in taggers.items()
         }
-        _report("tagger (EfficientNet-Lite0, 224 px)", rows, batches)
+        figures["tagger"] = _report("tagger (EfficientNet-Lite0, 224 px)", rows, batches)
+    record.write(figures, config=vars(args), out=args.out)
+    return figures
 
 
 if __name__ == "__main__":

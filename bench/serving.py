@@ -12,7 +12,8 @@ What it does, in one run on one machine:
    as its own process, and runs closed-loop clients (each sends a synthetic-scene JPEG, waits for the
    answer, sends the next) at each ``--concurrency`` level for ``--duration-s``.
 4. Prints p50/p95/p99 latency, throughput, errors, the service's peak RSS, and the ratios to the
-   baseline; ``--json`` writes the same numbers to a file.
+   baseline, and writes them with the machine, load average, versions and arguments to a JSON result
+   (``bench/results/serving-<UTC time>.json``, or ``--out``; ``bench/result_json.py``).
 
 The clients run in this process on the same cores as the service: on a 2-core machine they take a share
 of the CPU the service would otherwise have, so the numbers are a floor. Example::
@@ -32,14 +33,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_json import ROOT, BenchRecord, add_out_argument
 
 
 @dataclass
@@ -208,11 +210,15 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def start_service(
-    artifact: Path, workdir: Path, env_extra: dict[str, str]
+    artifact: Path, workdir: Path, env_extra: dict[str, str], registry_template: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """Register ``artifact`` as ``captioner@production`` in a registry of its own under ``workdir`` (a copy
+    of ``registry_template``, an empty migrated MLflow SQLite file, when given) and serve it."""
     from snap2caption.launcher import wait_ready
     from snap2caption.registry import Registry
 
+    if registry_template is not None:
+        shutil.copyfile(registry_template, workdir / "mlflow.db")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     registry = Registry(uri)
     registry.register("captioner", artifact, metrics={"test_cider_d": 0.0})
@@ -245,7 +251,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print its table and write its JSON result.
+
+    Returns:
+        The figures written (``baseline``, ``levels``, ``peak_rss_mb``, ``ratios``).
+    """
+    record = BenchRecord("serving")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "training/configs/caption/starter.yaml")
     parser.add_argument("--model-dir", type=Path, help="A saved caption artifact instead of --config.")
@@ -259,8 +271,16 @@ def main() -> None:
     )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--json", type=Path, help="Write the results here too.")
-    args = parser.parse_args()
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="Closed-loop warm-up, 4 clients.")
+    parser.add_argument(
+        "--registry-template",
+        type=Path,
+        help="An empty, migrated MLflow SQLite file to copy as the run's registry (skips MLflow's "
+        "first migration, seconds); default: a new one.",
+    )
+    add_out_argument(parser)
+    parser.add_argument("--json", dest="out", type=Path, help="The older name of --out.")
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -286,10 +306,10 @@ def main() -> None:
             "SNAP2CAPTION_CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms),
             "SNAP2CAPTION_CAPTIONER_MAX_QUEUE": "512",
         }
-        process, url = start_service(artifact, workdir, settings)
+        process, url = start_service(artifact, workdir, settings, args.registry_template)
         levels = []
         try:
-            asyncio.run(closed_loop(url, images, 4, 3.0))  # warm-up
+            asyncio.run(closed_loop(url, images, 4, args.warmup_s))  # warm-up
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 level = asyncio.run(closed_loop(url, images, concurrency, args.duration_s))
                 levels.append(level)
@@ -303,12 +323,15 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(30)
-        report(base, levels, rss, args)
+        figures = report(base, levels, rss, args)
+        record.write(figures, config=vars(args), out=args.out)
+        return figures
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(base: Level, levels: list[Level], rss_mb: float, args: argparse.Namespace) -> None:
+def report(base: Level, levels: list[Level], rss_mb: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table and the ratios to the baseline; return them as the JSON result's figures."""
     print()
     print(f"model: {args.model_dir or args.config}, {args.tokens} greedy tokens, {args.runtime} runtime, "
           f"{args.threads} thread(s), cpu count {os.cpu_count()}")  # fmt: skip
@@ -322,21 +345,21 @@ def report(base: Level, levels: list[Level], rss_mb: float, args: argparse.Names
             f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.images_per_s:>8.2f} {level.mean_batch:>8.1f}"
         )
     print(f"\ncaptioner peak RSS: {rss_mb:.0f} MB")
+    ratios = []
     for level in levels:
         latency = base.p50_ms / level.p50_ms
         throughput = level.images_per_s / base.images_per_s
+        ratios.append({"concurrency": level.concurrency, "p50_latency": latency, "throughput": throughput})
         print(
             f"{level.concurrency:>3} clients vs baseline: p50 latency ratio {latency:.2f}x, "
             f"throughput ratio {throughput:.2f}x"
         )
-    if args.json is not None:
-        payload: dict[str, Any] = {
-            "baseline": asdict(base),
-            "levels": [asdict(level) for level in levels],
-            "peak_rss_mb": rss_mb,
-            "args": {k: str(v) for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
+    return {
+        "baseline": asdict(base),
+        "levels": [asdict(level) for level in levels],
+        "peak_rss_mb": rss_mb,
+        "ratios": ratios,
+    }
 
 
 if __name__ == "__main__":

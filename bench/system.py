@@ -10,7 +10,10 @@ What it does, in one run on one machine:
 3. Closed-loop clients at each ``--concurrency`` on ``POST /v1/caption``, ``/v1/detect``, ``/v1/tags`` and
    the gateway's ``/v1/analyze`` (each client sends a synthetic-scene JPEG, waits, sends the next).
 4. Prints p50/p95/p99, throughput and errors per endpoint and level, the ratio of each captioner level to the
-   baseline, and the peak RSS of every service and their sum.
+   baseline, and the peak RSS of every service and their sum; writes them with the machine, load average,
+   versions and arguments to a JSON result (``bench/results/system-<UTC time>.json``, or ``--out``).
+
+The registry is ``$MLFLOW_TRACKING_URI`` when set, else the one under ``--home``.
 
 The clients share the machine's cores with the services (on 2 cores the numbers are a floor). Example::
 
@@ -26,10 +29,13 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_json import BenchRecord, add_out_argument
 from serving import Level, baseline, closed_loop, free_port, peak_rss_mb, synth_images
 
 ENDPOINTS = {
@@ -45,7 +51,13 @@ def no_feature_errors(body: dict[str, Any]) -> bool:
     return not body.get("errors")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print its table and write its JSON result.
+
+    Returns:
+        The figures written (``baseline``, ``levels``, ``peak_rss_mb``, ``captioner_ratios``, ...).
+    """
+    record = BenchRecord("system")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -55,7 +67,9 @@ def main() -> None:
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS), help=f"Subset of {list(ENDPOINTS)}.")
     parser.add_argument("--baseline-images", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="Intra-op threads per model service.")
-    args = parser.parse_args()
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="Closed-loop warm-up per endpoint.")
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
 
     from snap2caption.launcher import ServiceSpec, start_services, stop_services
     from snap2caption.registry import Registry
@@ -78,10 +92,24 @@ def main() -> None:
               f"{base.images_per_s:.2f} images/s", flush=True)  # fmt: skip
 
         ports = {name: free_port() for name in ("captioner", "detector", "gateway")}
-        threads = str(args.threads)
+        threads, cache = str(args.threads), str(home / "models")  # the model cache under --home, not cwd
         specs = [
-            ServiceSpec("captioner", ports["captioner"], env=(("SNAP2CAPTION_CAPTIONER_THREADS", threads),)),
-            ServiceSpec("detector", ports["detector"], env=(("SNAP2CAPTION_DETECTOR_THREADS", threads),)),
+            ServiceSpec(
+                "captioner",
+                ports["captioner"],
+                env=(
+                    ("SNAP2CAPTION_CAPTIONER_THREADS", threads),
+                    ("SNAP2CAPTION_CAPTIONER_MODEL_CACHE_DIR", cache),
+                ),
+            ),
+            ServiceSpec(
+                "detector",
+                ports["detector"],
+                env=(
+                    ("SNAP2CAPTION_DETECTOR_THREADS", threads),
+                    ("SNAP2CAPTION_DETECTOR_MODEL_CACHE_DIR", cache),
+                ),
+            ),
             ServiceSpec(
                 "gateway",
                 ports["gateway"],
@@ -103,7 +131,7 @@ def main() -> None:
                 load = functools.partial(
                     closed_loop, url, images, path=path, check=no_feature_errors, name=path
                 )
-                asyncio.run(load(4, 3.0))  # warm-up
+                asyncio.run(load(4, args.warmup_s))  # warm-up
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     result = asyncio.run(load(concurrency, args.duration_s))
                     results.append(result)
@@ -113,14 +141,17 @@ def main() -> None:
             rss = {svc.spec.name: peak_rss_mb(svc.process.pid) for svc in running}
         finally:
             stop_services(running)
-        report(base, results, rss, args, captioner.version)
+        figures = report(base, results, rss, args, captioner.version)
+        record.write(figures, config=vars(args), out=args.out)
+        return figures
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def report(
     base: Level, results: list[Level], rss: dict[str, float], args: argparse.Namespace, version: int
-) -> None:
+) -> dict[str, Any]:
+    """Print the tables and the ratios to the baseline; return them as the JSON result's figures."""
     print(f"\nstarter services from {args.home} (captioner v{version}), {args.threads} thread(s) per model "
           f"service, cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     columns = ("reqs", "err", "p50 ms", "p95 ms", "p99 ms", "img/s")
@@ -132,10 +163,13 @@ def report(
               f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.images_per_s:>8.2f}")  # fmt: skip
     b_p50, b_rate = base.p50_ms, base.images_per_s
     print(f"\nbaseline, HF generate eager one at a time: p50 {b_p50:.1f} ms, {b_rate:.2f} images/s")
+    ratios = []
     for r in results:
         if r.name == "/v1/caption":
+            latency, throughput = b_p50 / r.p50_ms, r.images_per_s / b_rate
+            ratios.append({"concurrency": r.concurrency, "p50_latency": latency, "throughput": throughput})
             print(f"  /v1/caption {r.concurrency:>3} clients vs baseline: p50 latency ratio "
-                  f"{b_p50 / r.p50_ms:.2f}x, throughput ratio {r.images_per_s / b_rate:.2f}x")  # fmt: skip
+                  f"{latency:.2f}x, throughput ratio {throughput:.2f}x")  # fmt: skip
     print(
         "\npeak RSS: "
         + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
@@ -143,6 +177,13 @@ def report(
     )
     model_services = rss.get("captioner", 0) + rss.get("detector", 0)
     print(f"model services (captioner + detector): {model_services:.0f} MB")
+    return {
+        "captioner_version": version,
+        "baseline": asdict(base),
+        "levels": [asdict(r) for r in results],
+        "captioner_ratios": ratios,
+        "peak_rss_mb": {**rss, "total": sum(rss.values())},
+    }
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build Snap2Caption's images (Dockerfile targets) with podman or docker: `make images`, or
-#   bash scripts/images.sh [TARGET...]      TARGET: serving training mlflow postgres prometheus (default: all)
+#   bash scripts/images.sh [TARGET...]      TARGET: serving etl training mlflow postgres prometheus (default: all)
 #
 # Environment:
 #   SNAP2CAPTION_ENGINE       podman or docker [default: podman when installed, else docker]
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 ENGINE=${SNAP2CAPTION_ENGINE:-$(command -v podman >/dev/null 2>&1 && echo podman || echo docker)}
 TAG=${SNAP2CAPTION_IMAGE_TAG:-latest}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(serving training mlflow postgres prometheus)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(serving etl training mlflow postgres prometheus)
 
 # What python:3.11-slim-bookworm gives (Python 3.11 with venv, CA certificates, no docs), from Debian.
 BASE_RECIPE=(

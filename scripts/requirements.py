@@ -5,6 +5,7 @@ source is copied in: a code change then rebuilds the small source layer, not the
 
     python3 scripts/requirements.py pyproject.toml serve postgres        # core + those extras
     python3 scripts/requirements.py pyproject.toml --only torch,torchvision train
+    python3 scripts/requirements.py pyproject.toml --exclude pyarrow serve postgres
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("pyproject")
     parser.add_argument("extras", nargs="*")
     parser.add_argument("--only", default="", help="Comma-separated names to keep.")
+    parser.add_argument("--exclude", default="", help="Comma-separated names to leave out.")
     parser.add_argument("--no-core", action="store_true", help="Leave out the core dependencies.")
     args = parser.parse_intermixed_args(argv)
     with open(args.pyproject, "rb") as f:
@@ -59,6 +61,9 @@ def main(argv: list[str]) -> int:
     if args.only:
         keep = {_name(n) for n in args.only.split(",")}
         lines = [line for line in lines if _name(line) in keep]
+    if args.exclude:
+        drop = {_name(n) for n in args.exclude.split(",")}
+        lines = [line for line in lines if _name(line) not in drop]
     sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0
 

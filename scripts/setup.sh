@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,dev,postgres,ansible}
+EXTRAS=${SNAP2CAPTION_EXTRAS:-serve,data,train,ray,dev,postgres,ansible}
 
 # command -> Debian package providing it
 declare -A DEBIAN_PACKAGES=(

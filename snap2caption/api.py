@@ -41,10 +41,37 @@ class ImageInfo(WireModel):
 
 
 class CaptionResult(WireModel):
-    """The caption and how sure the model is."""
+    """The caption, how sure the model is, and whether the image is inside what the model learned."""
 
     text: str
-    confidence: float = Field(ge=0, le=1, description="Geometric-mean token probability.")
+    confidence: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "Calibrated probability that the caption is right (the captioner's confidence); the raw "
+            "geometric-mean token probability for a model without a calibration."
+        ),
+    )
+    in_domain: bool | None = Field(
+        default=None,
+        description="Whether the image is inside the captioner's training domain; outside it the caption "
+        "is very likely wrong and is never used for alt text. `null` when the captioner's model has no "
+        "domain description (older artifacts; treated as inside, and listed by the gateway's `/readyz`).",
+    )
+    domain_score: float | None = Field(
+        default=None,
+        description="The captioner's domain score, a p-value in (0, 1]: low means unlike its training "
+        "images (`null` without a domain description).",
+    )
+    used_for_alt_text: bool | None = Field(
+        default=None,
+        description="Whether this caption became the alt text (`null` when alt text was not asked for).",
+    )
+    note: str | None = Field(
+        default=None,
+        description="Why the caption is not (or would not be) the alt text: outside the captioner's "
+        "training domain, or a confidence under the alt-text threshold; `null` when it is trusted.",
+    )
 
 
 class AltTextResult(WireModel):
@@ -79,6 +106,23 @@ class ObjectResult(WireModel):
     label: str
     score: float = Field(ge=0, le=1)
     box: Box
+
+
+class ObjectsDomain(WireModel):
+    """The detector's domain answer for the image, beside the objects."""
+
+    in_domain: bool | None = Field(
+        default=None,
+        description="Whether the image is inside the detector's training domain; outside it the detector "
+        "returns no objects (they are counted in `withheld`) and its classes are not used for alt text. "
+        "`null` when the detector's model has no domain description (treated as inside).",
+    )
+    domain_score: float | None = Field(
+        default=None, description="The detector's domain score, a p-value in (0, 1] (`null` without one)."
+    )
+    withheld: int = Field(
+        default=0, ge=0, description="Detections withheld because the image is outside the detector's domain."
+    )
 
 
 class ModelInfo(WireModel):
@@ -125,10 +169,18 @@ _EXAMPLE: dict[str, Any] = {
     "request_id": "6f1c2d0e9b5a4c7e8d3f2a1b0c9d8e7f",
     "inference_id": "019a6a4e-3c1d-7b2e-9f40-5d8c2b7a1e63",
     "image": {"width": 640, "height": 480, "format": "jpeg"},
-    "caption": {"text": "a dog catching a frisbee in a park", "confidence": 0.62},
+    "caption": {
+        "text": "a dog catching a frisbee in a park",
+        "confidence": 0.62,
+        "in_domain": True,
+        "domain_score": 0.41,
+        "used_for_alt_text": True,
+        "note": None,
+    },
     "alt_text": {"text": "A dog catching a frisbee in a park.", "source": "caption"},
     "tags": [{"name": "dog", "score": 0.91, "hashtag": "#dog"}],
     "objects": [{"label": "dog", "score": 0.88, "box": {"x1": 102.5, "y1": 80.0, "x2": 388.1, "y2": 410.7}}],
+    "objects_domain": {"in_domain": True, "domain_score": 0.37, "withheld": 0},
     "models": {
         "caption": {"name": "captioner", "version": 3, "alias": "production", "backend": "onnx"},
         "tags": {"name": "tagger", "version": 1, "alias": "production", "backend": "onnx"},
@@ -161,6 +213,11 @@ class AnalyzeResult(WireModel):
     alt_text: AltTextResult | None = None
     tags: list[TagResult] | None = None
     objects: list[ObjectResult] | None = None
+    objects_domain: ObjectsDomain | None = Field(
+        default=None,
+        description="With `objects`: the detector's domain answer for this image and how many detections "
+        "it withheld because of it.",
+    )
     models: dict[str, ModelInfo] = Field(
         default_factory=dict, description="Model that computed each feature (`caption`, `tags`, `objects`)."
     )

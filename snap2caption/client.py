@@ -43,6 +43,7 @@ from snap2caption.api import (
     ItemError,
     ModelInfo,
     ObjectResult,
+    ObjectsDomain,
     TagResult,
     WireModel,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "ImageInfo",
     "ItemError",
     "ModelInfo",
+    "ObjectsDomain",
     "Snap2CaptionAPIError",
     "Snap2CaptionClient",
     "Snap2CaptionClientError",

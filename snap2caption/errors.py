@@ -82,6 +82,13 @@ class ArtifactIntegrityError(ArtifactError):
     status = 500
 
 
+class ProviderUnavailable(Snap2CaptionError):
+    """An ONNX Runtime execution provider asked for by name (CUDA, TensorRT) that this machine cannot run."""
+
+    code = "provider_unavailable"
+    status = 500
+
+
 class RetryLater(Snap2CaptionError):
     """Base class: an error the client should retry after ``retry_after`` seconds (the ``Retry-After``
     header the error handler sends)."""

@@ -11,8 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The library's layers, lowest first (README "Layout"); a module may import its own layer and those before.
 LIBRARY = (
-    "errors", "logs", "hashing", "db", "config", "manifest", "imaging", "net", "monitoring", "metrics",
-    "data", "registry", "models", "http", "serving", "api", "client", "launcher", "cli",
+    "errors", "logs", "hashing", "db", "config", "manifest", "alt_text", "imaging", "net", "monitoring",
+    "metrics", "data", "registry", "models", "http", "serving", "api", "client", "launcher", "backfill",
+    "cli",
 )  # fmt: skip
 
 

@@ -14,10 +14,10 @@ configured runtime (``torch``, ``onnx``, ``onnx-int8`` or ``auto``); this module
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from anyio import CapacityLimiter
@@ -81,10 +81,14 @@ class ImageCaption:
 
     Attributes:
         text: The caption.
-        confidence: Geometric-mean probability of the generated tokens, in [0, 1].
+        confidence: The calibrated probability that the caption is right, when the artifact has a
+            calibration (``calibration.json``); else the raw confidence.
         tokens: Number of caption tokens.
         model_version: The version that wrote it.
         runtime: The runtime that ran it (``torch``, ``onnx``, ``onnx-int8``).
+        raw_confidence: Geometric-mean probability of the generated tokens, in [0, 1].
+        in_domain: Whether the image is inside the model's training domain (None: no domain model).
+        domain_score: The domain model's p-value (None: no domain model).
     """
 
     text: str
@@ -92,6 +96,26 @@ class ImageCaption:
     tokens: int
     model_version: int
     runtime: str = ""
+    raw_confidence: float = 0.0
+    in_domain: bool | None = None
+    domain_score: float | None = None
+
+
+def domain_status(captioner: Captioner | None) -> dict[str, Any]:
+    """``/readyz``'s ``domain`` detail: whether the serving artifact has a domain model, its stated and
+    measured false-rejection rates and the images it was fitted and calibrated on."""
+    domain = getattr(captioner, "domain", None) if captioner is not None else None
+    if domain is None:
+        return {"present": False}
+    info = domain.info()
+    return {
+        "present": True,
+        "feature": info["feature"],
+        "false_rejection_rate": info["false_rejection_rate"],
+        "test_rejection_rate": info["extra"].get("test_rejection_rate"),
+        "n_fit": info["n_fit"],
+        "n_calibration": info["n_calibration"],
+    }
 
 
 def warm_up(captioner: Captioner) -> None:
@@ -171,6 +195,7 @@ class CaptionEngine:
             folder,
             s.runtime,
             threads=s.threads,
+            providers=s.ort_providers(),
             static=StaticOptions(
                 device=s.device,
                 enabled=s.static_decoder,
@@ -200,6 +225,9 @@ class CaptionEngine:
         problem = self.lane.problem(checks)
         current = self.lane.store.current
         checks["drift"] = self.drift.status(current.version if current else None)
+        checks["domain"] = domain_status(current.model if current else None)
+        if current is not None:
+            checks["calibrated"] = current.model.calibration is not None
         return Readiness(ready=problem is None, checks=checks, reason=problem or "")
 
     # ------------------------------------------------------------------------------ requests
@@ -274,9 +302,18 @@ class CaptionEngine:
         max_new_tokens = min(options.max_new_tokens, captioner.max_new_tokens_limit)
         captions = captioner.generate(pixels, max_new_tokens=max_new_tokens, num_beams=options.num_beams)
         out = [
-            ImageCaption(c.text, math.exp(c.confidence), c.n_tokens, loaded.version, captioner.runtime)
+            ImageCaption(
+                c.text,
+                c.probability,
+                c.n_tokens,
+                loaded.version,
+                captioner.runtime,
+                c.raw_probability,
+                c.in_domain,
+                c.domain_score,
+            )
             for c in captions
         ]
-        for result in out:  # output drift: the reference holds the test split's confidences
-            self.drift.observe(loaded.version, {"caption_confidence": result.confidence})
+        for result in out:  # output drift: the reference holds the test split's raw confidences
+            self.drift.observe(loaded.version, {"caption_confidence": result.raw_confidence})
         return out

@@ -59,7 +59,14 @@ async def caption(
         ),
         results=[
             ImageCaptionResult(
-                index=i, filename=name, caption=c.text, confidence=c.confidence, tokens=c.tokens
+                index=i,
+                filename=name,
+                caption=c.text,
+                confidence=c.confidence,
+                raw_confidence=c.raw_confidence,
+                tokens=c.tokens,
+                in_domain=c.in_domain,
+                domain_score=c.domain_score,
             )
             for i, ((name, _), c) in enumerate(zip(uploads, run.captions, strict=True))
         ],

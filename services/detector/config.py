@@ -54,7 +54,15 @@ class Settings(ModelServiceSettings):
     max_det_limit: int = Field(default=300, ge=1, le=10_000, description="Largest max_det a request may ask.")
     top_k: int = Field(default=5, ge=1, description="Default most tags per image.")
     top_k_limit: int = Field(default=50, ge=1, le=1000, description="Largest top_k a request may ask.")
-    min_score: float = Field(default=0.0, ge=0, le=1, description="Default minimum tag probability.")
+    min_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "Default minimum tag probability; unset: the tagger artifact's calibrated min_score (0 for an "
+            "artifact without one)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:

@@ -15,6 +15,11 @@ Pieces, request side first:
   request's options (NMS thresholds, ``top_k``), so requests that ask for different options still share a
   network call. Boxes come back in the pixels of the decoded image: the original image after EXIF
   orientation.
+- The detector's domain: the same network call gives the detector's own features of each image, checked
+  against the artifact's training domain (``domain.json``; :mod:`snap2caption.models.domain`). An image
+  outside it gets no objects (they are withheld and counted) unless the request asks for them with
+  ``include_out_of_domain``; an artifact without a domain model answers ``in_domain`` None and withholds
+  nothing. Tags are not checked: the tagger is an ImageNet model, made for real photos.
 
 The models themselves are what ``detector.load`` and ``tagger.load`` return for the configured runtime
 (``onnx``, ``torch`` or ``auto``); this module only batches and answers.
@@ -27,6 +32,7 @@ import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from anyio import CapacityLimiter
@@ -53,6 +59,16 @@ def warm_up_detector(detector: Detector) -> None:
     detector.raw(np.zeros((1, 3, detector.imgsz, detector.imgsz), np.float32))
 
 
+def domain_status(detector: Detector | None) -> dict[str, Any] | None:
+    """``/readyz``'s word on the serving detector's training domain: None when it has no domain model (an
+    older artifact: every image is answered ``in_domain`` None and nothing is withheld)."""
+    if detector is None or detector.domain is None:
+        return None
+    info = detector.domain.info()
+    keys = ("feature", "false_rejection_rate", "threshold", "n_fit", "n_calibration")
+    return {key: info[key] for key in keys}
+
+
 def warm_up_tagger(tagger: Tagger) -> None:
     """One blank input through the network, before the model serves."""
     tagger.forward(np.zeros((1, *tagger.preprocess.output_shape), np.float32))
@@ -69,11 +85,14 @@ class DetectOptions:
         conf: Minimum class score.
         iou: NMS IoU threshold (class-aware).
         max_det: Most objects per image.
+        include_out_of_domain: Return the objects of an image outside the detector's training domain too
+            (flagged ``in_domain`` False) instead of withholding them.
     """
 
     conf: float
     iou: float
     max_det: int
+    include_out_of_domain: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,11 +164,15 @@ class ObjectsResult:
     """One image's objects.
 
     Attributes:
-        objects: Best first; boxes in pixels of the image after EXIF orientation.
+        objects: Best first; boxes in pixels of the image after EXIF orientation. Empty for an image outside
+            the detector's domain unless the request included those.
         width: That image's width.
         height: Its height.
         version: The detector version that found them.
         runtime: Its runtime.
+        in_domain: Whether the image is inside the detector's training domain (None: no domain model).
+        domain_score: Its conformal p-value (None: no domain model).
+        withheld: Objects found but not returned because the image is outside the domain.
     """
 
     objects: list[Detection]
@@ -157,6 +180,9 @@ class ObjectsResult:
     height: int
     version: int
     runtime: str
+    in_domain: bool | None = None
+    domain_score: float | None = None
+    withheld: int = 0
 
 
 @dataclass(frozen=True)
@@ -231,7 +257,11 @@ class DetectorEngine:
             settings.tagger_alias,
             settings.tagger_runtime,
             loader=lambda folder, _: tagger_model.load(
-                folder, settings.tagger_runtime, int8=settings.tagger_int8, threads=settings.threads
+                folder,
+                settings.tagger_runtime,
+                int8=settings.tagger_int8,
+                threads=settings.threads,
+                providers=settings.ort_providers(),
             ),
             warmup=warm_up_tagger,
             spec=lambda tagger: tagger.preprocess,
@@ -247,7 +277,9 @@ class DetectorEngine:
 
     def _load_detector(self, folder: Path, info: ModelVersionInfo) -> Detector:
         s = self.settings
-        detector = detector_model.load(folder, s.detector_runtime, int8=s.detector_int8, threads=s.threads)
+        detector = detector_model.load(
+            folder, s.detector_runtime, int8=s.detector_int8, threads=s.threads, providers=s.ort_providers()
+        )
         self.drift.loaded(info.version, folder)
         return detector
 
@@ -271,12 +303,19 @@ class DetectorEngine:
         ]
         current = self.detector.store.current
         detector["drift"] = self.drift.status(current.version if current else None)
+        detector["domain"] = domain_status(current.model if current else None)
         checks = {"detector": detector, "tagger": tagger}
         return Readiness(ready=not problems, checks=checks, reason="; ".join(problems))
 
     # ------------------------------------------------------------------------------ options
 
-    def detect_options(self, conf: float | None, iou: float | None, max_det: int | None) -> DetectOptions:
+    def detect_options(
+        self,
+        conf: float | None,
+        iou: float | None,
+        max_det: int | None,
+        include_out_of_domain: bool = False,
+    ) -> DetectOptions:
         """The request's detection options, defaults from the settings, checked against the limits.
 
         Raises:
@@ -289,6 +328,7 @@ class DetectorEngine:
             s.conf if conf is None else conf,
             s.iou if iou is None else iou,
             s.max_det if max_det is None else max_det,
+            include_out_of_domain,
         )
         if not 1 <= options.max_det <= s.max_det_limit:
             raise BadRequest(f"max_det must be between 1 and {s.max_det_limit}, got {options.max_det}")
@@ -297,15 +337,17 @@ class DetectorEngine:
     def tag_options(self, top_k: int | None, min_score: float | None) -> TagOptions:
         """The request's tagging options, defaults from the settings, checked against the limits.
 
+        The default ``min_score`` is the setting's, else the serving tagger's calibrated one.
+
         Raises:
             NotReady: The tagger is not loaded yet (503 before the body is read).
             BadRequest: ``top_k`` over the service's limit.
         """
-        self.tagger.store.get()
+        tagger = self.tagger.store.get().model
         s = self.settings
-        options = TagOptions(
-            s.top_k if top_k is None else top_k, s.min_score if min_score is None else min_score
-        )
+        if min_score is None:
+            min_score = tagger.min_score if s.min_score is None else s.min_score
+        options = TagOptions(s.top_k if top_k is None else top_k, min_score)
         if not 1 <= options.top_k <= s.top_k_limit:
             raise BadRequest(f"top_k must be between 1 and {s.top_k_limit}, got {options.top_k}")
         return options
@@ -388,15 +430,32 @@ class DetectorEngine:
     def _detect_batch(
         self, loaded: LoadedModel[Detector], items: list[DetectItem], key: Hashable
     ) -> list[ObjectsResult]:
-        """One network call (on the batcher's thread), every item letterboxed for ``loaded``."""
+        """One network call (on the batcher's thread), every item letterboxed for ``loaded``: boxes and the
+        detector's features, checked against its domain; an out-of-domain image's objects are withheld
+        unless its request includes them."""
         detector = loaded.model
-        raw = detector.raw(np.stack([item.pixels for item in items]))  # (B, 4 + nc, anchors)
+        # (B, 4 + nc, anchors), (B, C) or None
+        raw, features = detector.forward(np.stack([item.pixels for item in items]))
+        checks = detector.check_domain(features)
         results = []
         for k, item in enumerate(items):
             o = item.options
             [objects] = postprocess(raw[k : k + 1], [item.box], detector.names, o.conf, o.iou, o.max_det)
+            check = checks[k] if checks is not None else None
+            withheld = 0
+            if check is not None and not check.in_domain and not o.include_out_of_domain:
+                withheld, objects = len(objects), []
             results.append(
-                ObjectsResult(objects, item.box.width, item.box.height, loaded.version, detector.runtime)
+                ObjectsResult(
+                    objects,
+                    item.box.width,
+                    item.box.height,
+                    loaded.version,
+                    detector.runtime,
+                    in_domain=None if check is None else check.in_domain,
+                    domain_score=None if check is None else check.domain_score,
+                    withheld=withheld,
+                )
             )
         return results
 

@@ -49,7 +49,20 @@ TopK = Annotated[
     int | None, Query(ge=1, le=1000, description="Most tags per image (up to the service's limit).")
 ]
 MinScore = Annotated[
-    float | None, Query(ge=0, le=1, allow_inf_nan=False, description="Minimum tag probability.")
+    float | None,
+    Query(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Minimum tag probability; default the tagger's calibrated minimum (options.min_score).",
+    ),
+]
+IncludeOutOfDomain = Annotated[
+    bool,
+    Query(
+        description="Return the objects of an image outside the detector's training domain too, flagged "
+        "`in_domain: false`; by default they are withheld (`objects` empty, `withheld` counts them)."
+    ),
 ]
 Features = Annotated[
     str | None,
@@ -110,10 +123,18 @@ def objects_response(
                     )
                     for d in out.objects
                 ],
+                in_domain=out.in_domain,
+                domain_score=out.domain_score,
+                withheld=out.withheld,
             )
             for i, ((name, _), out) in enumerate(zip(uploads, run.outputs, strict=True))
         ],
-        options=DetectSettings(conf=options.conf, iou=options.iou, max_det=options.max_det),
+        options=DetectSettings(
+            conf=options.conf,
+            iou=options.iou,
+            max_det=options.max_det,
+            include_out_of_domain=options.include_out_of_domain,
+        ),
         batch_size=max(run.batch_sizes),
         timings=Timings.measure(started, prepared, run.queue_s, run.inference_s),
     )
@@ -208,6 +229,7 @@ async def analyze(
     conf: Conf = None,
     iou: Iou = None,
     max_det: MaxDet = None,
+    include_out_of_domain: IncludeOutOfDomain = False,
     top_k: TopK = None,
     min_score: MinScore = None,
     timeout_ms: TimeoutMs = None,
@@ -220,7 +242,7 @@ async def analyze(
     started = time.monotonic()
     asked = parse_features(features)
     # 503 before reading the body when a model asked for is not loaded
-    objects = engine.detect_options(conf, iou, max_det) if "objects" in asked else None
+    objects = engine.detect_options(conf, iou, max_det, include_out_of_domain) if "objects" in asked else None
     tags = engine.tag_options(top_k, min_score) if "tags" in asked else None
     return await answer(request, engine, started, timeout_ms, objects=objects, tags=tags)
 
@@ -238,14 +260,18 @@ async def detect(
     conf: Conf = None,
     iou: Iou = None,
     max_det: MaxDet = None,
+    include_out_of_domain: IncludeOutOfDomain = False,
     timeout_ms: TimeoutMs = None,
 ) -> DetectResponse:
     """Detect objects in up to ``max_images_per_request`` images; results come back in request order.
 
-    Boxes are in pixels of each original image after EXIF orientation (``image`` gives its size).
+    Boxes are in pixels of each original image after EXIF orientation (``image`` gives its size). An image
+    outside the detector's training domain gets no objects (``withheld`` counts them) unless
+    ``include_out_of_domain`` is set.
     """
     started = time.monotonic()
-    options = engine.detect_options(conf, iou, max_det)  # 503 before reading the body when no model
+    # 503 before reading the body when no model
+    options = engine.detect_options(conf, iou, max_det, include_out_of_domain)
     result = await answer(request, engine, started, timeout_ms, objects=options)
     assert result.objects is not None
     return result.objects

@@ -34,12 +34,41 @@ class DetectedObject(BaseModel):
 
 
 class ImageObjects(BaseModel):
-    """One image's objects, best first."""
+    """One image's objects, best first, and whether the image is inside what the detector learned.
+
+    The detector knows its training domain (a description of its training images in its own features,
+    shipped in the artifact). For an image outside it, its detections are not returned as such: ``objects``
+    is empty and ``withheld`` counts them, unless the request sets ``include_out_of_domain=true`` (then they
+    come back, flagged by ``in_domain: false``).
+    """
 
     index: int = Field(description="Position of the image in the request (0-based).")
     filename: str | None = Field(default=None, description="The upload's file name, for multipart requests.")
     image: ImageSize
-    objects: list[DetectedObject]
+    objects: list[DetectedObject] = Field(
+        description="Objects found, best first; empty when the image is outside the detector's training "
+        "domain (see `withheld`), unless the request set `include_out_of_domain=true`."
+    )
+    in_domain: bool | None = Field(
+        default=None,
+        description="Whether the image is inside the detector's training domain (a detector trained on "
+        "synthetic shapes calls real photos out of domain). Null only when the detector artifact has no "
+        "domain model (older artifacts): nothing is withheld then.",
+    )
+    domain_score: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Conformal p-value of the image among held-out in-domain images: low means unlike the "
+        "training images; in domain when above the artifact's false-rejection rate (default 0.02). Null "
+        "when the detector has no domain model.",
+    )
+    withheld: int = Field(
+        default=0,
+        ge=0,
+        description="Objects found but not returned because the image is outside the detector's domain; "
+        "0 when in domain, without a domain model, or with `include_out_of_domain=true`.",
+    )
 
 
 class DetectSettings(BaseModel):
@@ -48,6 +77,9 @@ class DetectSettings(BaseModel):
     conf: float
     iou: float
     max_det: int
+    include_out_of_domain: bool = Field(
+        default=False, description="Whether objects of out-of-domain images were returned (flagged)."
+    )
 
 
 class DetectResponse(BaseModel):

@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from services.gateway.auth import Auth, KeyStore, RateLimiter
         from services.gateway.db import make_engine
         from services.gateway.inference_log import InferenceLogWriter
+        from services.gateway.releases import ReleaseStore
 
         db_engine = make_engine(resolved.database_url)
         log_writer = InferenceLogWriter(db_engine, max_queue=resolved.inference_log_queue)
@@ -77,13 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None,
             enabled=resolved.auth_enabled,
         )
-        gateway = Gateway(resolved)
+        gateway = Gateway(resolved, ReleaseStore(db_engine))
         gateway.start()
         app.state.gateway = gateway
         logger.info(
-            "gateway: captioner %s, detector %s, profile %s, auth %s",
+            "gateway: captioner %s, detector %s, canaries %s, profile %s, auth %s",
             resolved.captioner_url,
             resolved.detector_url,
+            {name: canary.base_url for name, canary in gateway.canaries.items()} or "none",
             resolved.profile,
             "on" if resolved.auth_enabled else "off",
         )

@@ -3,7 +3,8 @@
 A :class:`BackendClient` is one pooled keep-alive HTTP client per backend service: per-call timeouts (the
 backend's own, or what is left of the request's deadline when that is less, sent along as ``timeout_ms``),
 one retry with jitter on connection errors only, a :class:`CircuitBreaker`, and the
-``snap2caption_gateway_backend_*`` metrics (label ``backend``: the service's name).
+``snap2caption_gateway_backend_*`` metrics (labels ``backend``: the service's name, and ``track``:
+``production``, or ``canary`` for the service serving a model's canary).
 
 What a call can end in:
 
@@ -16,7 +17,8 @@ What a call can end in:
 - an :class:`~snap2caption.errors.ImageError`: the backend refused the image (413/415/422), which is the
   caller's error, passed on with the same status and code.
 
-Readiness: :meth:`BackendClient.poll_ready` asks the backend's ``/readyz`` and remembers the answer.
+Readiness: :meth:`BackendClient.poll_ready` asks the backend's ``/readyz`` and remembers the answer,
+with the model versions it serves (the gateway sends a canary's share only to a service serving it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -79,6 +81,7 @@ class CircuitBreaker:
         failure_threshold: Consecutive failures that open the circuit.
         cooldown_s: Time open before a trial call.
         clock: ``time.monotonic`` (injectable for tests).
+        track: The backend's release track (the gauge's other label).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class CircuitBreaker:
         failure_threshold: int,
         cooldown_s: float,
         clock: Callable[[], float] = time.monotonic,
+        track: str = "production",
     ) -> None:
         if failure_threshold < 1 or cooldown_s <= 0:
             raise ValueError("failure_threshold must be >= 1 and cooldown_s > 0")
@@ -98,7 +102,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
-        self._gauge = metrics.BREAKER_STATE.labels(name)
+        self._gauge = metrics.BREAKER_STATE.labels(name, track)
         self._gauge.set(BreakerState.CLOSED)
 
     @property
@@ -148,6 +152,12 @@ class CircuitBreaker:
         """A call ended with no verdict on the backend (cancelled, or a 4xx about the input)."""
         self._trial_in_flight = False
 
+    def reset(self) -> None:
+        """Forget past failures: the backend now serves something else (a new canary release)."""
+        self._failures = 0
+        self._trial_in_flight = False
+        self._set(BreakerState.CLOSED)
+
     def _set(self, state: BreakerState) -> None:
         self._state = state
         self._gauge.set(int(state))
@@ -191,6 +201,11 @@ class BackendHealth:
 
     last_ok: float | None = None  # time.monotonic() of the last 200
     detail: str = "not polled yet"
+    versions: frozenset[int] = frozenset()  # model versions the last 200 said it serves
+    # Model -> whether its artifact carries a domain description, as the last 200 said (``checks.domain``
+    # of a one-model service, ``checks.<model>.domain`` of the detector's); a model that says nothing is
+    # absent.
+    domains: dict[str, bool] = field(default_factory=dict)
 
 
 class BackendClient:
@@ -200,15 +215,19 @@ class BackendClient:
         name: ``captioner`` or ``detector`` (metric label).
         base_url: The backend's base URL.
         settings: Timeouts, retry and breaker parameters.
+        track: ``production``, or ``canary`` for the service serving the model's canary (metric label).
     """
 
-    def __init__(self, name: str, base_url: str, settings: Settings) -> None:
+    def __init__(self, name: str, base_url: str, settings: Settings, track: str = "production") -> None:
         self.name = name
+        self.track = track
         self.base_url = base_url.rstrip("/")
         self.retries = settings.retries
         self.retry_jitter_s = settings.retry_jitter_s
         self.timeout_s = settings.backend_timeout_s
-        self.breaker = CircuitBreaker(name, settings.breaker_failure_threshold, settings.breaker_cooldown_s)
+        self.breaker = CircuitBreaker(
+            name, settings.breaker_failure_threshold, settings.breaker_cooldown_s, track=track
+        )
         self.health = BackendHealth()
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -218,9 +237,9 @@ class BackendClient:
                 max_keepalive_connections=settings.max_connections,
             ),
         )
-        self._duration = metrics.BACKEND_DURATION.labels(name)
+        self._duration = metrics.BACKEND_DURATION.labels(name, track)
         self._outcomes = {
-            outcome: metrics.BACKEND_REQUESTS.labels(name, outcome)
+            outcome: metrics.BACKEND_REQUESTS.labels(name, outcome, track)
             for outcome in ("ok", "error", "timeout", "circuit_open", "overloaded", "deadline", "cancelled")
         }
 
@@ -351,13 +370,24 @@ class BackendClient:
             response = await self.client.get("/readyz", timeout=2.0)
         except httpx.HTTPError as exc:
             self.health.detail = f"unreachable: {type(exc).__name__}"
+            # Serves nothing now: no canary share goes to it until a 200 says what it serves again (its
+            # last 200 may be a previous process's on the same port).
+            self.health.versions = frozenset()
             return
         if response.status_code == 200:
             self.health.last_ok = time.monotonic()
             self.health.detail = "ready"
+            body = _json_object(response)
+            self.health.versions = frozenset(_served_versions(body))
+            self.health.domains = _domain_presence(self.name, body)
         else:
             _, message = _envelope(response)
             self.health.detail = f"{response.status_code}: {message}"
+            self.health.versions = frozenset()  # not ready: nothing to route a canary share to
+
+    def forget_health(self) -> None:
+        """Forget what past ``/readyz`` polls said: nothing is routed to it on their word any more."""
+        self.health = BackendHealth()
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
@@ -366,6 +396,34 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _served_versions(body: Any) -> set[int]:
+    """Every ``version`` a model service's ``/readyz`` shows for its models (nested in its checks)."""
+    found: set[int] = set()
+    if isinstance(body, dict):
+        if isinstance(body.get("version"), int) and "alias" in body:
+            found.add(body["version"])
+        for value in body.values():
+            found |= _served_versions(value)
+    elif isinstance(body, list):
+        for value in body:
+            found |= _served_versions(value)
+    return found
+
+
+def _domain_presence(service: str, body: Any) -> dict[str, bool]:
+    """Which models of a model service's ``/readyz`` have a domain description: ``checks.domain.present``
+    names the service's one model (the captioner), ``checks.<model>.domain.present`` each of several."""
+    checks = body.get("checks") if isinstance(body, dict) else None
+    if not isinstance(checks, dict):
+        return {}
+    found: dict[str, bool] = {}
+    for name, value in {service: checks, **checks}.items():
+        domain = value.get("domain") if isinstance(value, dict) else None
+        if isinstance(domain, dict) and isinstance(domain.get("present"), bool):
+            found[name] = domain["present"]
+    return found
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

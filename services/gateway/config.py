@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.gateway.db import default_database_url
+from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE
 from snap2caption.http import ServiceSettings
 
 Profile = Literal["local", "production"]
@@ -28,6 +29,14 @@ class Settings(ServiceSettings):
     # ---- backends
     captioner_url: str = Field(default="http://127.0.0.1:8001", description="Captioner base URL.")
     detector_url: str = Field(default="http://127.0.0.1:8002", description="Detector base URL.")
+    canary_captioner_url: str | None = Field(
+        default=None,
+        description="Base URL of the captioner serving the `canary` alias (`MODEL_ALIAS=canary`); unset: "
+        "no captioner canary. It gets a running release's share of the traffic (`snap2caption release`).",
+    )
+    canary_detector_url: str | None = Field(
+        default=None, description="Base URL of the detector serving the `canary` alias; unset: none."
+    )
     connect_timeout_s: float = Field(default=1.0, gt=0, description="TCP connect timeout per backend call.")
     backend_timeout_s: float = Field(
         default=10.0,
@@ -56,6 +65,11 @@ class Settings(ServiceSettings):
     retry_after_s: float = Field(default=2.0, gt=0, description="Retry-After of 503 `overloaded`.")
     ready_poll_interval_s: float = Field(
         default=2.0, gt=0, description="Seconds between backend /readyz polls."
+    )
+    track_header_enabled: bool = Field(
+        default=True,
+        description="Honour the X-Snap2Caption-Track header (`production`/`canary`), which picks a "
+        "request's track while a canary runs, for testing a canary by hand.",
     )
     ready_max_age_s: float = Field(
         default=10.0, gt=0, description="A backend is ready while its last good /readyz is this recent."
@@ -95,7 +109,14 @@ class Settings(ServiceSettings):
     # ---- outputs
     default_max_tags: int = Field(default=5, ge=1, le=50, description="Tags per image unless asked.")
     alt_text_min_confidence: float = Field(
-        default=0.35, ge=0, le=1, description="Below this caption confidence alt text falls back to labels."
+        default=DEFAULT_MIN_CONFIDENCE,
+        ge=0,
+        le=1,
+        description=(
+            "Below this caption confidence alt text falls back to labels. The captioner's confidence is a "
+            "calibrated probability that the caption is right, so 0.5 = use the caption only when it is "
+            "more likely right than wrong (on the data the model was calibrated on)."
+        ),
     )
     alt_text_max_chars: int = Field(default=125, ge=20, le=1000, description="Longest alt text.")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -85,6 +86,8 @@ inference_log = Table(
     Column("error_code", String(64), nullable=True),
     # The original bytes: retained by the gateway (``retain_images``), or sent back with feedback.
     Column("image", LargeBinary, nullable=True),
+    # Which release track answered: ``production``, or ``canary`` when any backend call went to a canary.
+    Column("track", String(16), nullable=False, server_default="production"),
 )
 
 feedback = Table(
@@ -110,6 +113,35 @@ rate_limits = Table(
     metadata,
     Column("bucket", String(200), primary_key=True),
     Column("tat", Double, nullable=False, index=True),
+)
+
+
+# Model releases (``snap2caption release``): one row per model, its canary now or its last one. The gateway
+# sends ``share`` percent of the traffic to the model's canary while ``state`` is ``running``.
+releases = Table(
+    "releases",
+    metadata,
+    Column("model", String(32), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("share", Double, nullable=False),
+    Column("state", String(16), nullable=False),  # running, promoted, rolled_back
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+)
+
+# Every release decision (start, promote, rollback), automatic or by hand, with the numbers behind it.
+release_decisions = Table(
+    "release_decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(32), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("decision", String(16), nullable=False),  # start, promote, rollback
+    Column("automatic", Boolean, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("numbers", JSON, nullable=False),  # the comparison it was made on ({} by hand)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_release_decisions_model", "model"),
 )
 
 

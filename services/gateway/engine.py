@@ -27,8 +27,13 @@ told the same, as ``timeout_ms``, so it drops work nobody will wait for). When i
 
 With nothing computed because backends shed load, the answer is 503 ``overloaded`` with their Retry-After.
 
-Readiness: a background task polls every backend's ``/readyz``; the gateway is ready while each has
-answered 200 recently.
+Canary track: :meth:`Gateway.route` picks, per request, production or a model's canary service (a
+running release's share of the traffic, by :func:`~services.gateway.releases.bucket` of the request id;
+only while the canary service is ready and serves the release's version); each part's metrics are
+labelled with the track of the backend that computed it.
+
+Readiness: a background task polls every backend's ``/readyz`` (the canary services' too) and reads the
+running releases; the gateway is ready while each production backend has answered 200 recently.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 
 from services.gateway import metrics
-from services.gateway.alt_text import gender_neutral, make_alt_text
 from services.gateway.backends import BackendAnswer, BackendClient, BackendFailed
 from services.gateway.config import Settings
 from services.gateway.images import NormalisedImage, normalise_image
+from services.gateway.releases import DECISIONS, MODELS, Release, ReleaseStore, Track, bucket
 from services.gateway.schemas import AnalyzeOptions
+from snap2caption.alt_text import alt_text_labels, caption_note, gender_neutral, make_alt_text
 from snap2caption.api import (
     FEATURES,
     AltTextResult,
@@ -62,9 +68,10 @@ from snap2caption.api import (
     ImageInfo,
     ModelInfo,
     ObjectResult,
+    ObjectsDomain,
     TagResult,
 )
-from snap2caption.errors import Overloaded, Timeout
+from snap2caption.errors import BadRequest, Overloaded, Timeout
 from snap2caption.http import Readiness
 from snap2caption.imaging import DecodeLimits
 from snap2caption.logs import request_id_var
@@ -133,18 +140,40 @@ class _Call:
     nested: bool
 
 
+@dataclass(frozen=True)
+class Route:
+    """The backends one request goes to, and its track (``canary`` when any of them is a canary)."""
+
+    captioner: BackendClient
+    detector: BackendClient
+
+    @property
+    def track(self) -> Track:
+        canary = "canary" in (self.captioner.track, self.detector.track)
+        return "canary" if canary else "production"
+
+
 class Gateway:
     """The backends, the decoder's worker threads, and the analysis of one image.
 
     Args:
         settings: Gateway settings.
+        releases: Where the running releases are read (``None``: no canary is ever routed to).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, releases: ReleaseStore | None = None) -> None:
         self.settings = settings
         self.captioner = BackendClient(CAPTIONER, settings.captioner_url, settings)
         self.detector = BackendClient(DETECTOR, settings.detector_url, settings)
         self.backends = (self.captioner, self.detector)
+        canary_urls = {CAPTIONER: settings.canary_captioner_url, DETECTOR: settings.canary_detector_url}
+        self.canaries = {
+            name: BackendClient(name, url, settings, track="canary")
+            for name, url in canary_urls.items()
+            if url
+        }
+        self.releases = releases
+        self.running: dict[str, Release] = {}  # read with the readiness polls
         self.limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self._decode_limiter = CapacityLimiter(settings.decode_threads)
         self._poller: asyncio.Task[None] | None = None
@@ -161,20 +190,80 @@ class Gateway:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        for backend in self.backends:
+        for backend in (*self.backends, *self.canaries.values()):
             await backend.aclose()
 
     async def _poll_forever(self) -> None:
         while True:
-            await asyncio.gather(*(b.poll_ready() for b in self.backends))
+            await asyncio.gather(
+                *(b.poll_ready() for b in (*self.backends, *self.canaries.values())), self._read_releases()
+            )
             await asyncio.sleep(self.settings.ready_poll_interval_s)
+
+    async def _read_releases(self) -> None:
+        """Read the running releases and export them (and the decisions taken) as gauges."""
+        if self.releases is None:
+            return
+        try:
+            running, counts = await asyncio.to_thread(
+                lambda: (self.releases.running(), self.releases.decision_counts())  # type: ignore[union-attr]
+            )
+        except Exception as exc:  # the database being away must not stop the readiness polls
+            logger.warning("cannot read the releases (routing unchanged): %s: %s", type(exc).__name__, exc)
+            return
+        if running.keys() != self.running.keys():
+            logger.info("running canaries: %s", {m: f"v{r.version} {r.share:g}%" for m, r in running.items()})
+        for model, release in running.items():
+            if model in self.canaries and self.running.get(model) != release:
+                # A new release: the last canary's failures (its circuit) and readiness say nothing about
+                # this one; its share waits for a /readyz 200 polled after the release started.
+                self.canaries[model].breaker.reset()
+                self.canaries[model].forget_health()
+        self.running = running
+        for model in MODELS:
+            release = running.get(model)
+            metrics.RELEASE_CANARY_SHARE.labels(model).set(release.share if release else 0.0)
+            metrics.RELEASE_CANARY_VERSION.labels(model).set(release.version if release else 0)
+            for decision in DECISIONS:
+                metrics.RELEASE_DECISIONS.labels(model, decision).set(counts.get((model, decision), 0))
+
+    def route(self, request_id: str, override: str | None = None) -> Route:
+        """The backends for one request: each model's canary for ``share`` percent of the request ids.
+
+        A model's canary gets the request while its release runs, its service is ready (within
+        ``ready_max_age_s``) and serves the release's version; otherwise production does, so a canary
+        service that is down or still loading never costs a request.
+
+        Args:
+            request_id: The request's id (hashed into its bucket).
+            override: The ``X-Snap2Caption-Track`` header: ``canary`` or ``production`` force the track
+                of every model with a canary running (``None``: the share decides).
+
+        Raises:
+            BadRequest: An override other than the two tracks.
+        """
+        if override is not None and override not in ("production", "canary"):
+            raise BadRequest(f"X-Snap2Caption-Track must be 'production' or 'canary', not {override!r}")
+        place = bucket(request_id)
+        chosen = {CAPTIONER: self.captioner, DETECTOR: self.detector}
+        now = time.monotonic()
+        for name, canary in self.canaries.items():
+            release = self.running.get(name)
+            if release is None or release.version not in canary.health.versions:
+                continue
+            last_ok = canary.health.last_ok
+            if last_ok is None or now - last_ok > self.settings.ready_max_age_s:
+                continue
+            if override == "canary" or (override is None and place < release.share):
+                chosen[name] = canary
+        return Route(captioner=chosen[CAPTIONER], detector=chosen[DETECTOR])
 
     def readiness(self) -> Readiness:
         """Ready while every backend answered ``/readyz`` 200 within ``ready_max_age_s``."""
         now = time.monotonic()
         checks: dict[str, Any] = {}
         down: list[str] = []
-        for backend in self.backends:
+        for backend in self.backends:  # a canary service's state never makes the gateway unready
             last_ok = backend.health.last_ok
             fresh = last_ok is not None and now - last_ok <= self.settings.ready_max_age_s
             checks[backend.name] = {
@@ -183,6 +272,9 @@ class Gateway:
                 "detail": backend.health.detail,
                 "last_ok_age_s": None if last_ok is None else round(now - last_ok, 3),
                 "circuit": backend.breaker.state.name.lower(),
+                # Model -> whether its artifact has a domain description; one without (an older
+                # artifact) answers in_domain null, which counts as in domain.
+                "domain_models": dict(backend.health.domains),
             }
             if not fresh:
                 down.append(backend.name)
@@ -211,6 +303,7 @@ class Gateway:
         fetch_s: float | None = None,
         *,
         deadline: float,
+        route: Route | None = None,
     ) -> AnalyzeResult:
         """Call the backends the features need, concurrently (one call each), and merge their answers.
 
@@ -220,6 +313,7 @@ class Gateway:
             decode_s: Time spent in :meth:`normalise` (reported in the timings).
             fetch_s: Time spent fetching the URL, for URL requests.
             deadline: The request's deadline (``time.monotonic()``); no backend call outlives it.
+            route: The backends to call (:meth:`route`); default production.
 
         Returns:
             The result; features whose backend failed are ``None`` and listed in ``errors``.
@@ -230,7 +324,8 @@ class Gateway:
             Overloaded: No requested feature could be computed (503 with Retry-After).
         """
         started = time.perf_counter()
-        calls = self._calls(image, options, deadline)
+        route = route or Route(self.captioner, self.detector)
+        calls = self._calls(image, options, deadline, route)
         outcomes = await asyncio.gather(*(call.answer for call in calls), return_exceptions=True)
         bodies: dict[Part, Any] = {}
         seconds: dict[Part, float] = {}
@@ -244,7 +339,7 @@ class Gateway:
                 failures.update(dict.fromkeys(call.parts, outcome))
             elif isinstance(outcome, BaseException):
                 raise outcome  # ImageError (the caller's 4xx) or a bug: the middleware makes it a 500
-        result = self._merge(image, options, bodies, failures)
+        result = self._merge(image, options, bodies, failures, route)
         if all(getattr(result, feature) is None for feature in options.features):
             # One failed call may stand for several parts: say each once.
             reasons = "; ".join(dict.fromkeys(f.message for f in failures.values()))
@@ -273,15 +368,17 @@ class Gateway:
         waits = [b.breaker.retry_after_s for b in self.backends]
         return max([self.settings.retry_after_s, *waits, *hints])
 
-    def _calls(self, image: NormalisedImage, options: AnalyzeOptions, deadline: float) -> list[_Call]:
+    def _calls(
+        self, image: NormalisedImage, options: AnalyzeOptions, deadline: float, route: Route
+    ) -> list[_Call]:
         """The calls the features need: the captioner for the caption; the detector once, for every
         detector part needed (its ``/v1/analyze`` decodes the image once for both of its models)."""
         needed = {part for feature in options.features for part in _PARTS_FOR[feature]}
         data, content_type = image.data, image.content_type
         calls: list[_Call] = []
         if "caption" in needed:
-            answer = self.captioner.post_image("/v1/caption", data, content_type, {}, deadline=deadline)
-            calls.append(_Call(self.captioner, ("caption",), answer, nested=False))
+            answer = route.captioner.post_image("/v1/caption", data, content_type, {}, deadline=deadline)
+            calls.append(_Call(route.captioner, ("caption",), answer, nested=False))
         parts = tuple(part for part in _DETECTOR_PARTS if part in needed)
         if parts:
             params: dict[str, Any] = {"features": ",".join(parts)}
@@ -291,8 +388,8 @@ class Gateway:
                     params["min_score"] = options.min_confidence
             if "objects" in parts and options.min_confidence is not None:
                 params["conf"] = options.min_confidence
-            answer = self.detector.post_image("/v1/analyze", data, content_type, params, deadline=deadline)
-            calls.append(_Call(self.detector, parts, answer, nested=True))
+            answer = route.detector.post_image("/v1/analyze", data, content_type, params, deadline=deadline)
+            calls.append(_Call(route.detector, parts, answer, nested=True))
         return calls
 
     def _merge(
@@ -301,14 +398,19 @@ class Gateway:
         options: AnalyzeOptions,
         bodies: Mapping[Part, Any],
         failures: dict[Part, BackendFailed],
+        route: Route,
     ) -> AnalyzeResult:
-        """Build the result from each part's answer; an unreadable one is added to ``failures`` (in place)."""
+        """Build the result from each part's answer; an unreadable one is added to ``failures`` (in place).
+
+        Each part's metrics carry the track of the backend that computed it; the alt text's, the request's.
+        """
         result = AnalyzeResult(
             request_id=request_id_var.get() or "-",
             image=ImageInfo(width=image.width, height=image.height, format=image.format),
             timings=AnalyzeTimings(decode_ms=0.0, total_ms=0.0),
         )
         parsed: dict[Part, Any] = {}
+        objects_domain: ObjectsDomain | None = None
         for part, body in bodies.items():
             try:
                 if not isinstance(body, Mapping):
@@ -319,6 +421,7 @@ class Gateway:
                     parsed[part] = _tags(body)
                 else:
                     parsed[part] = _objects(body, image)
+                    objects_domain = _objects_domain(body)
                 result.models[part] = ModelInfo.model_validate(body["model"])
             except (KeyError, TypeError, ValueError, IndexError) as exc:  # ValidationError is a ValueError
                 # A 200 we cannot read is that backend's failure, not the caller's and not a 500.
@@ -335,32 +438,56 @@ class Gateway:
         objects: list[ObjectResult] | None = parsed.get("objects")
 
         wanted = options.features
+        track_of: dict[Feature, str] = {
+            "caption": route.captioner.track,
+            "alt_text": route.track,
+            "tags": route.detector.track,
+            "objects": route.detector.track,
+        }
         if "caption" in wanted:
             result.caption = caption
             if caption is not None:
-                metrics.CAPTION_CONFIDENCE.observe(caption.confidence)
-                metrics.CAPTION_WORDS.observe(len(caption.text.split()))
+                metrics.CAPTION_CONFIDENCE.labels(track_of["caption"]).observe(caption.confidence)
+                metrics.CAPTION_WORDS.labels(track_of["caption"]).observe(len(caption.text.split()))
         if "tags" in wanted:
             result.tags = tags
             if tags is not None:
-                metrics.TAGS_PER_IMAGE.observe(len(tags))
+                metrics.TAGS_PER_IMAGE.labels(track_of["tags"]).observe(len(tags))
         if "objects" in wanted:
             result.objects = objects
+            result.objects_domain = objects_domain if objects is not None else None
             if objects is not None:
-                metrics.OBJECTS_PER_IMAGE.observe(len(objects))
+                metrics.OBJECTS_PER_IMAGE.labels(track_of["objects"]).observe(len(objects))
         if "alt_text" in wanted:
-            result.alt_text = self._alt_text(caption, tags, objects, options)
+            result.alt_text = self._alt_text(caption, tags, objects, objects_domain, options)
             if result.alt_text is not None and result.alt_text.source == "fallback":
-                metrics.ALT_TEXT_FALLBACKS.inc()
+                metrics.ALT_TEXT_FALLBACKS.labels(track_of["alt_text"]).inc()
+        if result.caption is not None:
+            used = (
+                None
+                if "alt_text" not in wanted
+                else bool(result.alt_text and result.alt_text.source == "caption")
+            )
+            result.caption.used_for_alt_text = used
+            result.caption.note = caption_note(
+                result.caption.confidence,
+                result.caption.in_domain,
+                min_confidence=self.settings.alt_text_min_confidence,
+                used=used,
+            )
 
         for feature in sorted(wanted, key=FEATURES.index):
             if getattr(result, feature) is not None:
                 continue
             failed = failures.get(_PART_OF[feature])
-            if failed is None:  # alt text with neither caption nor labels
-                failed = BackendFailed("unavailable", "no caption, tag or object to describe the image with")
+            if failed is None:  # alt text with neither a usable caption nor labels
+                failed = BackendFailed(
+                    "unavailable",
+                    "no caption, tag or object to describe the image with (a caption of an image outside "
+                    "the captioner's training domain is not used)",
+                )
             result.errors.append(FeatureError(feature=feature, code=failed.code, message=failed.message))
-            metrics.PARTIAL_RESULTS.labels(feature).inc()
+            metrics.PARTIAL_RESULTS.labels(feature, track_of[feature]).inc()
         return result
 
     def _alt_text(
@@ -368,16 +495,24 @@ class Gateway:
         caption: CaptionResult | None,
         tags: list[TagResult] | None,
         objects: list[ObjectResult] | None,
+        objects_domain: ObjectsDomain | None,
         options: AnalyzeOptions,
     ) -> AltTextResult | None:
+        """The caption when the captioner is in its domain and sure enough, else "Image may contain: ..."
+        from the tags and, when the detector is in its domain for the image, the objects' classes."""
         # Labels best first: tags, then objects by score (the detector sorts them).
-        labels = [t.name for t in tags or []] + [o.label for o in objects or []]
+        labels = alt_text_labels(
+            [t.name for t in tags or []],
+            [o.label for o in objects or []],
+            objects_in_domain=objects_domain.in_domain if objects_domain else None,
+        )
         alt = make_alt_text(
             caption.text if caption else None,
             caption.confidence if caption else None,
             labels,
             min_confidence=self.settings.alt_text_min_confidence,
             max_chars=self.settings.alt_text_max_chars,
+            caption_in_domain=caption.in_domain if caption else None,
         )
         if alt is None:
             return None
@@ -406,8 +541,29 @@ def _first_result(body: Mapping[str, Any]) -> dict[str, Any]:
 def _caption(body: Mapping[str, Any], neutral: bool) -> CaptionResult:
     first = _first_result(body)
     text = str(first["caption"])
+    score = first.get("domain_score")
     return CaptionResult(
-        text=gender_neutral(text) if neutral else text, confidence=float(first["confidence"])
+        text=gender_neutral(text) if neutral else text,
+        confidence=float(first["confidence"]),
+        in_domain=_optional_bool(first.get("in_domain")),
+        domain_score=None if score is None else float(score),
+    )
+
+
+def _optional_bool(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise TypeError(f"in_domain must be true, false or null, got {value!r}")
+
+
+def _objects_domain(body: Mapping[str, Any]) -> ObjectsDomain:
+    """The detector's domain answer for the image (all ``null`` / 0 from a detector that gives none)."""
+    first = _first_result(body)
+    score = first.get("domain_score")
+    return ObjectsDomain(
+        in_domain=_optional_bool(first.get("in_domain")),
+        domain_score=None if score is None else float(score),
+        withheld=int(first.get("withheld") or 0),
     )
 
 

@@ -16,9 +16,6 @@ from dataclasses import dataclass, field
 
 from snap2caption.imaging import DecodeLimits, decode_image, probe_image
 
-# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
-_SWAPS_SIDES = frozenset({5, 6, 7, 8})
-
 
 @dataclass(frozen=True)
 class NormalisedImage:
@@ -63,9 +60,7 @@ def normalise_image(data: bytes, limits: DecodeLimits, max_side: int, encoding: 
     """
     stored = probe_image(data, limits)  # header only: the original's size, for scaling boxes back
     decoded = decode_image(data, limits, max_side=max_side)
-    width, height = stored.width, stored.height
-    if decoded.orientation in _SWAPS_SIDES:
-        width, height = height, width
+    width, height = stored.upright_size(decoded.orientation)
     buffer = io.BytesIO()
     if encoding == "png":
         decoded.image.save(buffer, format="PNG", compress_level=1)

@@ -84,6 +84,7 @@ class InferenceRecord:
         image: The original bytes when the gateway retains images (for feedback datasets), else ``None``.
         id: The record's key, made by the gateway and answered as ``inference_id``; feedback refers
             to it.
+        track: ``production``, or ``canary`` when a model's canary answered part of it.
     """
 
     request_id: str
@@ -102,6 +103,7 @@ class InferenceRecord:
     error_code: str | None
     image: bytes | None = field(default=None, repr=False)
     id: str = field(default_factory=new_inference_id)
+    track: str = "production"
 
     def row(self) -> dict[str, Any]:
         """The ``inference_log`` table row."""
@@ -122,6 +124,7 @@ class InferenceRecord:
             "status": self.status,
             "error_code": self.error_code,
             "image": self.image,
+            "track": self.track,
         }
 
 

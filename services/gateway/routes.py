@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.config import Settings
-from services.gateway.engine import Gateway, within_deadline
+from services.gateway.engine import Gateway, Route, within_deadline
 from services.gateway.images import NormalisedImage
 from services.gateway.inference_log import InferenceRecord, new_inference_id
+from services.gateway.releases import TRACK_HEADER
 from services.gateway.schemas import AnalyzeBatchUrlRequest, AnalyzeOptions, AnalyzeUrlRequest
 from snap2caption.api import FEATURES, AnalyzeBatchResponse, AnalyzeResult, BatchItem, ItemError
 from snap2caption.errors import (
@@ -212,8 +213,14 @@ async def _form_uploads(
 # ------------------------------------------------------------------------------------------ one image
 
 
+def _route(request: Request, gateway: Gateway) -> Route:
+    """The request's backends: production, or a model's canary for its share of the request ids."""
+    override = request.headers.get(TRACK_HEADER) if gateway.settings.track_header_enabled else None
+    return gateway.route(request_id_var.get() or "-", override.strip().lower() if override else None)
+
+
 async def _analyze_source(
-    gateway: Gateway, source: Source, options: AnalyzeOptions, deadline: float
+    gateway: Gateway, source: Source, options: AnalyzeOptions, deadline: float, route: Route
 ) -> tuple[AnalyzeResult, NormalisedImage]:
     """Fetch (for a URL), decode, normalise and analyse one image, all before ``deadline`` (504 after)."""
     started = time.perf_counter()
@@ -244,7 +251,7 @@ async def _analyze_source(
             raise
         raise UrlFetchFailed(f"the URL did not return an image: {exc.message}") from None
     decode_s = time.perf_counter() - decode_started
-    result = await gateway.analyze(image, options, decode_s, fetch_s, deadline=deadline)
+    result = await gateway.analyze(image, options, decode_s, fetch_s, deadline=deadline, route=route)
     result.timings.total_ms = to_ms(time.perf_counter() - started)
     result.inference_id = new_inference_id()  # the key of its inference log record
     return result, image
@@ -259,6 +266,7 @@ def _log(
     error: Snap2CaptionError | None = None,
     source: Source | None = None,
     record_id: str | None = None,
+    route: Route | None = None,
 ) -> None:
     """Hand one record to the inference log; it drops (and counts) rather than slow the response."""
     writer = getattr(request.app.state, "inference_log", None)
@@ -291,6 +299,7 @@ def _log(
         status=200 if error is None else error.status,
         error_code=None if error is None else error.code,
         image=image.original if image is not None and settings.retain_images else None,
+        track=route.track if route is not None else "production",
     )
     writer.submit(record)
 
@@ -307,6 +316,7 @@ def _log(
 )
 async def analyze(
     request: Request,
+    response: Response,
     gateway: GatewayDep,
     principal: PrincipalDep,
     query: QueryOptionsDep,
@@ -318,12 +328,16 @@ async def analyze(
     Boxes are in pixels of the original image after EXIF orientation (``image`` gives its size).
     Once the body is in, the request has ``timeout_ms`` (default the gateway's ``REQUEST_TIMEOUT_S``): a
     backend still working then is left out (``errors``: ``timeout``); nothing computed by then is 504.
+    While a model's canary runs, a share of the requests goes to it; ``X-Snap2Caption-Track`` in the
+    answer says which track answered (and, in the request, forces one for testing).
     """
     settings: Settings = gateway.settings
     options = query
     image: NormalisedImage | None = None
     source: Source | None = None
+    route: Route | None = None
     try:
+        route = _route(request, gateway)
         if _is_json(request.headers.get("content-type", "")):
             body: AnalyzeUrlRequest = await _json_body(request, AnalyzeUrlRequest)
             options = merge_options(query, body)
@@ -339,11 +353,12 @@ async def analyze(
         deadline = request_deadline(
             time.monotonic(), timeout_ms, settings.request_timeout_s, settings.max_timeout_s
         )
-        result, image = await _analyze_source(gateway, source, options, deadline)
+        result, image = await _analyze_source(gateway, source, options, deadline, route)
     except Snap2CaptionError as exc:
-        _log(request, options, image=image, error=exc, source=source)
+        _log(request, options, image=image, error=exc, source=source, route=route)
         raise
-    _log(request, options, result=result, image=image, source=source)
+    _log(request, options, result=result, image=image, source=source, route=route)
+    response.headers[TRACK_HEADER] = route.track
     return result
 
 
@@ -356,6 +371,7 @@ async def analyze(
 )
 async def analyze_batch(
     request: Request,
+    response: Response,
     gateway: GatewayDep,
     principal: PrincipalDep,
     query: QueryOptionsDep,
@@ -387,6 +403,7 @@ async def analyze_batch(
     )
 
     request_id = request_id_var.get() or "-"
+    route = _route(request, gateway)  # one track for every image of the batch
 
     async def one(index: int, source: Source) -> BatchItem:
         # Each image has its own id (the request's, dot, position) in the result and the inference
@@ -395,13 +412,13 @@ async def analyze_batch(
         image: NormalisedImage | None = None
         item = BatchItem(index=index, filename=source.filename, url=source.url)
         try:
-            item.result, image = await _analyze_source(gateway, source, options, deadline)
+            item.result, image = await _analyze_source(gateway, source, options, deadline, route)
             item.result.request_id = item_id
         except Snap2CaptionError as exc:
             item.error = ItemError(code=exc.code, message=exc.message, status=exc.status)
-            _log(request, options, image=image, error=exc, source=source, record_id=item_id)
+            _log(request, options, image=image, error=exc, source=source, record_id=item_id, route=route)
             return item
-        _log(request, options, result=item.result, image=image, source=source, record_id=item_id)
+        _log(request, options, result=item.result, image=image, source=source, record_id=item_id, route=route)
         return item
 
     items = await asyncio.gather(*(one(i, s) for i, s in enumerate(sources)))
@@ -412,6 +429,7 @@ async def analyze_batch(
         if Timeout.code in codes:
             raise Timeout("the request's time ran out before any image was analysed")
         raise Overloaded("no image could be analysed: the backends are unavailable", settings.retry_after_s)
+    response.headers[TRACK_HEADER] = route.track
     return AnalyzeBatchResponse(
         request_id=request_id,
         items=list(items),

@@ -97,6 +97,15 @@ def train_detector_command(overrides: tuple[str, ...], config_name: str, **optio
         f"job {result.total_seconds:.0f} s; {ev.split} mAP50-95 {ev.map50_95:.4f} mAP50 {ev.map50:.4f} "
         f"({ev.images} images, pycocotools on ONNX predictions)"
     )
+    if result.domain is not None:
+        photos = result.domain.real_photo_detection_rate
+        click.echo(
+            f"domain: rejects {result.domain.test_rejection_rate:.3f} of {result.domain.test_images} "
+            "held-out test images (in domain), "
+            + ("not measured on real photos" if photos is None else f"{photos:.3f} of real photos")
+        )
+    else:
+        click.echo("domain: none written (see the warning above)")
     click.echo(f"artifact: {result.artifact_dir}  (MLflow run {result.run_id})")
     if result.version is not None:
         click.echo(f"registered {config.run.name} v{result.version} as candidate")
@@ -126,13 +135,37 @@ def train_detector_command(overrides: tuple[str, ...], config_name: str, **optio
     "--mlflow/--no-mlflow", default=None, help="Log the run to MLflow [yes]; --no-mlflow registers nothing."
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on N Ray Train workers (DDP; each takes batch_size x grad_accum per step) [one process].",
+)
+@click.option(
+    "--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True, help="With --workers."
+)
+@click.option("--address", default=None, help="With --workers: a Ray cluster to join [start a local Ray].")
+@click.option(
+    "--ray-dashboard", is_flag=True, help="With --workers: start Ray's dashboard with the local Ray."
+)
 def caption(
-    overrides: tuple[str, ...], config_name: str, mlflow: bool | None, progress: bool | None, **options: Any
+    overrides: tuple[str, ...],
+    config_name: str,
+    mlflow: bool | None,
+    progress: bool | None,
+    workers: int | None,
+    gpus_per_worker: float,
+    address: str | None,
+    ray_dashboard: bool,
+    **options: Any,
 ) -> None:
     """Train the caption model, evaluate it on the test split, save and register it.
 
     KEY=VALUE overrides take dotted keys (train.lr=3e-4, model.decoder.n_layer=2; a bare key is looked up in
     every section); unknown keys are refused with the nearest one suggested.
+
+    With --workers N the same trainer runs as N DDP ranks under Ray Train (gloo on CPU, nccl on GPU), on a
+    local Ray or the cluster at --address; rank 0 validates, logs, checkpoints and registers.
     """
     import time
 
@@ -143,22 +176,36 @@ def caption(
     tracking = {"mlflow": mlflow} | ({"register": False} if mlflow is False else {})
     run = run_overrides(**(options | tracking))
     config = load_or_usage_error(CaptionRunConfig.load, config_name, [*overrides, *run])
+    if workers is not None:
+        from training.distributed.caption import Scaling, train_caption_distributed
+
+        scaling = Scaling(workers, gpus_per_worker, address=address, dashboard=ray_dashboard)
+        distributed = train_caption_distributed(config, scaling)
+        click.echo(f"caption: {workers} workers, {distributed.wall_s:.0f} s with Ray's start")
+        for rank, node in enumerate(distributed.nodes):
+            click.echo(f"  rank {rank}: Ray node {node}")
+        echo_caption_summary(distributed.summary)
+        return
     from training.caption.run import train_caption  # after the config: a typo fails before torch loads
 
     result = train_caption(config, progress=progress, started=started)
-    s = result.summary
+    echo_caption_summary(result.summary)
+
+
+def echo_caption_summary(s: dict[str, Any]) -> None:
+    """The lines `train caption` prints from a run's ``metrics.json`` summary."""
     click.echo(f"caption: {s['steps']} steps ({s['epochs']} epochs), stopped: {s['stop_reason']}")
     if s["val"]["cider_d_best"] is not None:
         click.echo(f"  val CIDEr-D {s['val']['cider_d_best']:.4f} (step {s['best_step']})")
-    if result.test is not None:
-        m = result.test.metrics
+    if s["test"] is not None:
+        test, m = s["test"], s["test"]["metrics"]
         scores = " ".join(f"{k}={m[k]:.4f}" for k in ("cider_d", "bleu_4", "meteor", "rouge_l") if k in m)
         pairs = f"pair_precision={m['pair_precision']:.3f} pair_recall={m['pair_recall']:.3f}"
-        click.echo(f"  test ({len(result.test.predictions)} images, {result.test.scorer}): {scores} {pairs}")
-    click.echo("  timings: " + " ".join(f"{k}={v:.1f}" for k, v in result.timings.items()))
-    click.echo(f"  artifact: {result.artifact_dir}")
-    if result.registered is not None:
-        click.echo(f"  registered {result.registered.name} v{result.registered.version} (alias candidate)")
+        click.echo(f"  test ({test['n_images']} images, {test['scorer']}): {scores} {pairs}")
+    click.echo("  timings: " + " ".join(f"{k}={v:.1f}" for k, v in s["timings_s"].items()))
+    click.echo(f"  artifact: {s['model']}")
+    if s["registered"] is not None:
+        click.echo(f"  registered {s['registered']['name']} v{s['registered']['version']} (alias candidate)")
 
 
 @train_group.command("caption-features")

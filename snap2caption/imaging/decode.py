@@ -87,6 +87,9 @@ _ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})
+
 # Metadata that would make a viewer (or exif_transpose) rotate an already-upright image again.
 _ORIENTATION_METADATA = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
@@ -110,6 +113,10 @@ class ImageInfo:
     width: int
     height: int
     mode: str
+
+    def upright_size(self, orientation: int) -> tuple[int, int]:
+        """``(width, height)`` once EXIF ``orientation`` is applied (5-8 swap the sides)."""
+        return (self.height, self.width) if orientation in _SWAPS_SIDES else (self.width, self.height)
 
 
 @dataclass(frozen=True)

@@ -48,31 +48,33 @@ def export_onnx(
     example: torch.Tensor,
     *,
     input_name: str,
-    output_name: str,
+    output_name: str | Sequence[str],
     metadata: Mapping[str, Any],
     opset: int = OPSET,
 ) -> Path:
-    """Export ``model`` (eval mode, one tensor in, one out) to ONNX with a dynamic batch axis.
+    """Export ``model`` (eval mode, one tensor in; one out, or a tuple) to ONNX with a dynamic batch axis.
 
     Args:
         model: The module; it is traced with ``example``.
         path: Output file.
         example: An input of the right shape (batch 1 is enough).
         input_name: Graph input name.
-        output_name: Graph output name.
+        output_name: Graph output name, or one name per output when the module returns a tuple (each
+            output's first axis is the batch).
         metadata: Written into ``metadata_props`` (see ``snap2caption.models.onnx_io``).
         opset: ONNX opset.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [output_name] if isinstance(output_name, str) else list(output_name)
     with torch.inference_mode():
         torch.onnx.export(
             model,
             (example,),
             str(path),
             input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (input_name, *outputs)},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,

@@ -1,4 +1,4 @@
-"""ONNX files as self-describing model files: metadata in ``metadata_props``, CPU sessions, int8 variants.
+"""ONNX files as self-describing model files: metadata in ``metadata_props``, sessions, int8 variants.
 
 Every ONNX file this project writes carries what a runtime needs besides the graph (class names, input
 size, normalisation, letterbox, ...) as JSON strings in the model's ``metadata_props``, so a service can
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from snap2caption.models.providers import OrtProviders
 
 METADATA_FORMAT_KEY = "snap2caption.format"
 
@@ -67,21 +69,47 @@ def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
     return options
 
 
-def cpu_session(
-    path: str | Path, *, threads: int = 1, options: onnxruntime.SessionOptions | None = None
+def ort_session(
+    path: str | Path,
+    *,
+    threads: int = 1,
+    options: onnxruntime.SessionOptions | None = None,
+    providers: OrtProviders | None = None,
 ) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime session on the CPU execution provider.
+    """An ONNX Runtime session on the execution providers ``providers`` chooses (TensorRT, CUDA, CPU).
 
     Args:
         path: The ONNX file.
         threads: Intra-op threads (ignored when ``options`` is given).
         options: Session options to use as they are (e.g. a service's own).
+        providers: Provider settings; None: :meth:`OrtProviders.from_env` (``SNAP2CAPTION_ORT_PROVIDERS``,
+            default ``auto``). ``session.get_providers()`` says what the session got.
+
+    Raises:
+        ProviderUnavailable: A provider asked for by name that is not installed or did not start.
     """
     import onnxruntime as ort
 
-    return ort.InferenceSession(
-        str(path), sess_options=options or session_options(threads), providers=["CPUExecutionProvider"]
+    from snap2caption.models.providers import OrtProviders, check_session_providers
+
+    settings = providers or OrtProviders.from_env()
+    chosen = settings.session_providers(ort.get_available_providers())
+    session = ort.InferenceSession(
+        str(path), sess_options=options or session_options(threads), providers=chosen
     )
+    asked = [name for name, _ in chosen]
+    check_session_providers(settings.request, asked, session.get_providers(), str(path))
+    return session
+
+
+def cpu_session(
+    path: str | Path, *, threads: int = 1, options: onnxruntime.SessionOptions | None = None
+) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session on the CPU execution provider, whatever the settings (training's feature
+    extraction, which hands its tensors to torch on the CPU)."""
+    from snap2caption.models.providers import OrtProviders
+
+    return ort_session(path, threads=threads, options=options, providers=OrtProviders("cpu"))
 
 
 def session_metadata(session: onnxruntime.InferenceSession) -> dict[str, str]:

@@ -36,8 +36,11 @@ NUMERIC_FEATURES = ("width", "height", "aspect", "brightness", "colourfulness")
 CATEGORICAL_FEATURES = {"format": ALLOWED_FORMATS}
 FEATURES = (*NUMERIC_FEATURES, *CATEGORICAL_FEATURES)
 
-# BT.601 luma weights, as Pillow's convert("L") uses.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# BT.601 luma weights, as Pillow's convert("L") uses, in thousandths: integer arithmetic (below) makes
+# the statistics exact, so the same image gives the same bits on every CPU and NumPy version (a float32
+# matrix product and mean depend on the BLAS kernel and the SIMD width, and the ETL's drift reference is
+# a DVC output whose hash dvc.lock records).
+_LUMA_MILLI = np.array([299, 587, 114], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -100,13 +103,14 @@ def image_stats(image: Image.Image, *, width: int, height: int, fmt: str) -> Ima
         The statistics.
     """
     small = thumbnail(image if image.mode == "RGB" else image.convert("RGB"))
-    rgb = np.asarray(small, dtype=np.float32).reshape(-1, 3)  # (h * w, 3) in 0..255
-    brightness = float((rgb @ _LUMA).mean())
+    rgb = np.asarray(small, dtype=np.int64).reshape(-1, 3)  # (h * w, 3) in 0..255
+    n = rgb.shape[0]
+    brightness = int((rgb @ _LUMA_MILLI).sum()) / (1000 * n)
     rg = rgb[:, 0] - rgb[:, 1]
-    yb = 0.5 * (rgb[:, 0] + rgb[:, 1]) - rgb[:, 2]
-    colourfulness = math.hypot(float(rg.std()), float(yb.std())) + 0.3 * math.hypot(
-        float(rg.mean()), float(yb.mean())
-    )
+    yb2 = rgb[:, 0] + rgb[:, 1] - 2 * rgb[:, 2]  # twice the yellow-blue opponent, still an integer
+    rg_mean, rg_std = _mean_std(rg)
+    yb_mean, yb_std = _mean_std(yb2)
+    colourfulness = math.hypot(rg_std, yb_std / 2) + 0.3 * math.hypot(rg_mean, yb_mean / 2)
     return ImageStats(
         width=int(width),
         height=int(height),
@@ -115,6 +119,14 @@ def image_stats(image: Image.Image, *, width: int, height: int, fmt: str) -> Ima
         colourfulness=colourfulness,
         format=fmt,
     )
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population standard deviation of integers, from exact integer sums."""
+    n = int(values.size)
+    total, squares = int(values.sum()), int((values * values).sum())
+    variance = (n * squares - total * total) / (n * n)  # exact numerator: Python integers
+    return total / n, math.sqrt(max(variance, 0.0))
 
 
 def oriented_size(info: ImageInfo, orientation: int) -> tuple[int, int]:

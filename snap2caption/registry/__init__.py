@@ -20,9 +20,10 @@ from snap2caption.registry.client import Registry
 from snap2caption.registry.errors import ModelNotFoundError, PromotionError, RegistryError, RollbackError
 from snap2caption.registry.gates import GATES, Gate, PromotionResult
 from snap2caption.registry.paths import default_tracking_uri, snap2caption_home
-from snap2caption.registry.versions import CANDIDATE, PRODUCTION, ModelVersionInfo, parse_model_ref
+from snap2caption.registry.versions import CANARY, CANDIDATE, PRODUCTION, ModelVersionInfo, parse_model_ref
 
 __all__ = [
+    "CANARY",
     "CANDIDATE",
     "GATES",
     "PRODUCTION",

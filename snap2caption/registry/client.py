@@ -33,6 +33,7 @@ from snap2caption.registry.errors import ModelNotFoundError, PromotionError, Reg
 from snap2caption.registry.gates import GATES, Gate, PromotionResult, judge
 from snap2caption.registry.paths import default_tracking_uri, snap2caption_home, sqlite_path
 from snap2caption.registry.versions import (
+    CANARY,
     CANDIDATE,
     HISTORY_LIMIT,
     METRIC_TAG_PREFIX,
@@ -513,27 +514,15 @@ class Registry:
             return result("refused", f"refused: {verdict}")
 
         user, now = whoami(), _now()
-        self._client.set_registered_model_alias(name, PRODUCTION, str(candidate.version))
-        version_tags = {
-            TAG_PROMOTED_AT: now,
-            TAG_PROMOTED_BY: user,
-            TAG_PROMOTED_FROM: str(production.version) if production else "",
-        }
+        override_tags = {}
         if not passed:
-            version_tags |= {
+            override_tags = {
                 TAG_OVERRIDE: "true",
                 TAG_OVERRIDE_REASON: str(reason),
                 TAG_OVERRIDE_AT: now,
                 TAG_OVERRIDE_BY: user,
             }
-        for key, value in version_tags.items():
-            self._client.set_model_version_tag(name, str(candidate.version), key, value)
-        history = self._history(name, TAG_PRODUCTION_HISTORY)
-        if production is not None and (not history or history[-1] != str(production.version)):
-            # production was moved outside this client; keep it so that rollback can return to it.
-            history.append(str(production.version))
-        history.append(str(candidate.version))
-        self._set_history(name, TAG_PRODUCTION_HISTORY, history)
+        self._set_production(name, candidate, production, override_tags)
 
         if passed:
             logger.info("promoted %s v%s to %s: %s", name, candidate.version, PRODUCTION, verdict)
@@ -555,6 +544,75 @@ class Registry:
             name, candidate.version, PRODUCTION, user, verdict, reason,
         )  # fmt: skip
         return result("overridden", f"promoted v{candidate.version} by override: {verdict}; reason: {reason}")
+
+    def _set_production(
+        self,
+        name: str,
+        version: ModelVersionInfo,
+        production: ModelVersionInfo | None,
+        extra_tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Point ``production`` at ``version``: tag who and when, and extend the production history."""
+        self._client.set_registered_model_alias(name, PRODUCTION, str(version.version))
+        tags = {
+            TAG_PROMOTED_AT: _now(),
+            TAG_PROMOTED_BY: whoami(),
+            TAG_PROMOTED_FROM: str(production.version) if production else "",
+            **(extra_tags or {}),
+        }
+        for key, value in tags.items():
+            self._client.set_model_version_tag(name, str(version.version), key, value)
+        history = self._history(name, TAG_PRODUCTION_HISTORY)
+        if production is not None and (not history or history[-1] != str(production.version)):
+            # production was moved outside this client; keep it so that rollback can return to it.
+            history.append(str(production.version))
+        history.append(str(version.version))
+        self._set_history(name, TAG_PRODUCTION_HISTORY, history)
+
+    # ------------------------------------------------------------------ canary
+
+    def start_canary(self, name: str, version: int) -> ModelVersionInfo:
+        """Give ``version`` the ``canary`` alias (the canary model service follows it).
+
+        Raises:
+            ModelNotFoundError: No such version.
+            PromotionError: The version is already ``production``.
+        """
+        info = self.resolve(name, version)
+        production = self._resolve_or_none(name, PRODUCTION)
+        if production is not None and production.version == info.version:
+            raise PromotionError(f"{name} v{info.version} is already {PRODUCTION}: nothing to canary")
+        self._client.set_registered_model_alias(name, CANARY, str(info.version))
+        logger.info("%s v%s is the %s", name, info.version, CANARY)
+        return info
+
+    def canary(self, name: str) -> ModelVersionInfo | None:
+        """The version holding the ``canary`` alias, or ``None``."""
+        return self._resolve_or_none(name, CANARY)
+
+    def end_canary(self, name: str) -> ModelVersionInfo | None:
+        """Remove the ``canary`` alias (a rollback of the canary); returns the version that held it."""
+        info = self._resolve_or_none(name, CANARY)
+        if info is not None:
+            self._client.delete_registered_model_alias(name, CANARY)
+            logger.info("%s: %s alias removed from v%s", name, CANARY, info.version)
+        return info
+
+    def promote_canary(self, name: str) -> ModelVersionInfo:
+        """Point ``production`` at the ``canary`` version (it passed its canary) and remove ``canary``.
+
+        No gate runs here: the canary's live comparison with production was the gate.
+
+        Raises:
+            PromotionError: No version has the ``canary`` alias.
+        """
+        info = self._resolve_or_none(name, CANARY)
+        if info is None:
+            raise PromotionError(f"{name}: no version has the {CANARY!r} alias")
+        self._set_production(name, info, self._resolve_or_none(name, PRODUCTION))
+        self._client.delete_registered_model_alias(name, CANARY)
+        logger.info("promoted %s v%s from %s to %s", name, info.version, CANARY, PRODUCTION)
+        return self.resolve(name, PRODUCTION)
 
     def rollback(self, name: str) -> ModelVersionInfo:
         """Point ``production`` back at the version that held it before the current one.

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
+CANARY = "canary"  # a version served beside production to a share of the traffic (`snap2caption release`)
 
 # Version tags written by the registry client. Metrics go in as ``metric.<key>`` so that they never
 # collide with the caller's own tags and the MLflow UI groups them together.

@@ -6,16 +6,22 @@ asked for readiness; only its engine, routes and description differ.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from snap2caption import __version__
 from snap2caption.http import Readiness, create_app
+from snap2caption.http.errors import error_json
 from snap2caption.serving.settings import ModelServiceSettings
 from snap2caption.serving.threads import configure_torch_threads
+
+logger = logging.getLogger(__name__)
 
 
 class ModelEngine(Protocol):
@@ -64,7 +70,7 @@ def create_model_app(
         engine: ModelEngine = app.state.engine
         return engine.readiness()
 
-    return create_app(
+    app = create_app(
         service,
         __version__,
         lifespan=lifespan,
@@ -73,3 +79,30 @@ def create_model_app(
         description=description,
         max_body_bytes=settings.max_body_bytes,
     )
+    if settings.test_fault_errors or settings.test_fault_slowdown > 1.0:
+        _inject_test_faults(app, service, settings)
+    return app
+
+
+def _inject_test_faults(app: FastAPI, service: str, settings: ModelServiceSettings) -> None:
+    """TEST ONLY: make the model routes fail or slow down, as a broken model would (``test_fault_*``).
+
+    The canary tests need a canary that errors and one that is several times slower than production
+    while serving the very same model; only the model routes (``POST /v1/...``) are touched, so the
+    service still reports ready and Prometheus still scrapes it.
+    """
+    logger.warning(
+        "%s: TEST FAULTS ON: errors=%s, slowdown=x%g",
+        service, settings.test_fault_errors, settings.test_fault_slowdown,
+    )  # fmt: skip
+
+    @app.middleware("http")
+    async def test_faults(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.method != "POST" or not request.url.path.startswith("/v1/"):
+            return await call_next(request)
+        if settings.test_fault_errors:
+            return error_json(500, "injected_fault", f"{service}: test fault injected (test_fault_errors)")
+        started = time.perf_counter()
+        response = await call_next(request)
+        await asyncio.sleep((settings.test_fault_slowdown - 1.0) * (time.perf_counter() - started))
+        return response

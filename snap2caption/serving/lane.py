@@ -21,9 +21,11 @@ from snap2caption.serving.settings import ModelServiceSettings
 
 
 class Runtime(Protocol):
-    """What every served model exposes: the runtime it runs on (``onnx``, ``torch``, ...)."""
+    """What every served model exposes: the runtime it runs on (``onnx``, ``torch``, ...) and, per ONNX
+    Runtime session, the execution providers it got (best first; empty without ONNX Runtime)."""
 
     runtime: str
+    providers: dict[str, list[str]]
 
 
 class Prepared(Protocol):
@@ -80,6 +82,7 @@ class ModelLane(Generic[ModelT, SpecT, ItemT, OutT]):
             alias,
             loader=loader,
             warmup=warmup,
+            runtime_of=lambda model: (model.runtime, model.providers),
             source_factory=source_factory,
             cache_dir=settings.model_cache_dir,
             poll_interval_s=settings.poll_interval_s,
@@ -122,12 +125,13 @@ class ModelLane(Generic[ModelT, SpecT, ItemT, OutT]):
         await self.batcher.close(timeout_s)
 
     def status(self) -> dict[str, Any]:
-        """``/readyz``'s detail for this model: version, load errors, runtime, queue."""
+        """``/readyz``'s detail for this model: version, load errors, runtime, execution providers, queue."""
         current = self.store.current
         return {
             **self.store.status(),
             "backend": self.runtime_choice,  # the wire key /readyz has always had
             "runtime": current.model.runtime if current else None,
+            "providers": current.model.providers if current else None,
             "queue_depth": self.batcher.depth,
             "running_batches": self.batcher.running_batches,
         }

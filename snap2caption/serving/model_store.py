@@ -13,7 +13,9 @@ leaves the serving model in place; the error shows in :meth:`ModelStore.status` 
 ``last_load_error``), in the log and in ``snap2caption_model_load_failures_total{model}``. The same
 version is retried with exponential backoff (a download can fail for passing reasons), and a new
 version is tried at the next poll. ``snap2caption_model_info{model,version}`` is 1 for the version
-being served.
+being served, and ``snap2caption_model_runtime_info{model,version,runtime,session,provider,providers}`` 1
+for what runs it: per ONNX Runtime session (``model``; the captioner's ``encoder`` and ``decoder``) the
+execution provider it got first and all it got (one series with empty ``session`` on torch).
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ MODEL_INFO = Gauge(
     "snap2caption_model_info",
     "1 for the model version a service is serving, 0 for versions it served before.",
     ["model", "version"],
+    multiprocess_mode="livemax",
+)
+MODEL_RUNTIME_INFO = Gauge(
+    "snap2caption_model_runtime_info",
+    "1 for each ONNX Runtime session of the version being served: its runtime, the execution provider it "
+    "got first (`provider`) and every one it got (`providers`, best first); 0 for versions served before.",
+    ["model", "version", "runtime", "session", "provider", "providers"],
     multiprocess_mode="livemax",
 )
 MODEL_LOAD_FAILURES = Counter(
@@ -117,6 +126,8 @@ class ModelStore(Generic[ModelT]):
             opening MLflow takes seconds that the event loop must not wait for).
         cache_dir: Where versions are downloaded (``<cache_dir>/<name>/v<version>``).
         warmup: ``warmup(model)`` runs one dummy batch after loading, before the model serves.
+        runtime_of: ``runtime_of(model) -> (runtime, {session: providers})``, for
+            ``snap2caption_model_runtime_info``; None: not exported.
         poll_interval_s: Seconds between alias checks; 0 loads once and never swaps.
         retry_max_s: Longest wait before retrying a version that failed (the wait doubles from
             ``poll_interval_s`` or 1 s).
@@ -131,6 +142,7 @@ class ModelStore(Generic[ModelT]):
         source_factory: Callable[[], ModelSource],
         cache_dir: str | Path,
         warmup: Callable[[ModelT], None] | None = None,
+        runtime_of: Callable[[ModelT], tuple[str, dict[str, list[str]]]] | None = None,
         poll_interval_s: float = 30.0,
         retry_max_s: float = 300.0,
     ) -> None:
@@ -143,6 +155,7 @@ class ModelStore(Generic[ModelT]):
         self.retry_max_s = retry_max_s
         self._loader = loader
         self._warmup = warmup
+        self._runtime_of = runtime_of
         self._source_factory = source_factory
         self._source: ModelSource | None = None
         self._current: LoadedModel[ModelT] | None = None
@@ -268,12 +281,23 @@ class ModelStore(Generic[ModelT]):
         self._failure = None
         if old is not None:
             MODEL_INFO.labels(self.name, str(old.version)).set(0)
+            self._set_runtime_info(old, 0)
         MODEL_INFO.labels(self.name, str(version)).set(1)
+        self._set_runtime_info(loaded, 1)
         logger.info(
             "%s v%s serving (load + warm-up %.2f s)%s",
             self.name, version, time.monotonic() - started, f", replacing v{old.version}" if old else "",
         )  # fmt: skip
         return True
+
+    def _set_runtime_info(self, loaded: LoadedModel[ModelT], value: int) -> None:
+        if self._runtime_of is None:
+            return
+        runtime, sessions = self._runtime_of(loaded.model)
+        for session, providers in (sessions or {"": []}).items():
+            primary = providers[0] if providers else ""
+            labels = (self.name, str(loaded.version), runtime, session, primary, ",".join(providers))
+            MODEL_RUNTIME_INFO.labels(*labels).set(value)
 
     def _load_blocking(self, version: int) -> LoadedModel[ModelT]:
         assert self._source is not None

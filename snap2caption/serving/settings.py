@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from snap2caption.http import ServiceSettings
+from snap2caption.models.providers import OrtProviders, parse_request
 
 
 class ModelServiceSettings(ServiceSettings):
@@ -36,6 +37,30 @@ class ModelServiceSettings(ServiceSettings):
         ge=1,
         le=256,
         description="Intra-op threads of the runtime. 1 on shared cores: see snap2caption.serving.threads.",
+    )
+
+    # ---- ONNX Runtime execution providers (snap2caption.models.providers); unset: SNAP2CAPTION_ORT_*
+    providers: str | None = Field(
+        default=None,
+        description=(
+            "ONNX Runtime execution providers: `auto` (TensorRT, then CUDA, then CPU among those installed), "
+            "`cpu`, `cuda`, `tensorrt`, or an ordered list (`tensorrt,cuda,cpu`); one asked for by name "
+            "that cannot run fails the load. Unset: SNAP2CAPTION_ORT_PROVIDERS, else auto."
+        ),
+    )
+    ort_device_id: int | None = Field(
+        default=None,
+        ge=0,
+        description="GPU of the CUDA / TensorRT providers; unset: SNAP2CAPTION_ORT_DEVICE_ID, else 0.",
+    )
+    trt_cache_dir: Path | None = Field(
+        default=None,
+        description="TensorRT engine cache folder; unset: SNAP2CAPTION_ORT_TRT_CACHE_DIR, else "
+        "$SNAP2CAPTION_HOME/trt-cache.",
+    )
+    trt_fp16: bool | None = Field(
+        default=None,
+        description="Let TensorRT build fp16 engines; unset: SNAP2CAPTION_ORT_TRT_FP16, else false.",
     )
 
     # ---- batching (each model has its own batcher with these settings)
@@ -66,6 +91,36 @@ class ModelServiceSettings(ServiceSettings):
         default=200, ge=1, description="Images a window needs before its PSI is reported."
     )
     drift_every: int = Field(default=20, ge=1, description="Recompute the PSI after this many observations.")
+
+    # ---- faults injected FOR TESTS ONLY (a broken canary in tests/integration/test_canary_release.py)
+    test_fault_errors: bool = Field(
+        default=False,
+        description="TEST ONLY: answer every model request (POST /v1/...) with 500 `injected_fault`.",
+    )
+    test_fault_slowdown: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=100.0,
+        description="TEST ONLY: make every model request this many times slower (it sleeps (x - 1) times "
+        "its own time before answering).",
+    )
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_request(value)
+        return value
+
+    def ort_providers(self) -> OrtProviders:
+        """The execution-provider settings of this service's sessions: its own, else the process-wide ones."""
+        base = OrtProviders.from_env()
+        return OrtProviders(
+            request=base.request if self.providers is None else self.providers,
+            device_id=base.device_id if self.ort_device_id is None else self.ort_device_id,
+            trt_cache_dir=base.trt_cache_dir if self.trt_cache_dir is None else self.trt_cache_dir,
+            trt_fp16=base.trt_fp16 if self.trt_fp16 is None else self.trt_fp16,
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> Any:

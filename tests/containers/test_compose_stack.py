@@ -2,7 +2,7 @@
 
 One scenario, in order (each step needs the one before):
 
-1. ``scripts/images.sh`` builds the serving, MLflow, Postgres and Prometheus images (tag ``test``; the
+1. ``scripts/images.sh`` builds the serving, ETL, MLflow, Postgres and Prometheus images (tag ``test``; the
    mmdebstrap base is reused while its recipe is unchanged, the layers while their inputs are).
 2. podman-compose starts every service but two, under a project name of its own, its ports published on
    free loopback ports: ``bootstrap`` (the training image: `make images` builds it; training starter
@@ -46,7 +46,7 @@ from tests.helpers import free_port, image_bytes, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "var" / "test-artifacts"
 TAG = "test"
-BUILT = ["serving", "mlflow", "postgres", "prometheus"]
+BUILT = ["serving", "etl", "mlflow", "postgres", "prometheus"]
 STARTED = ["postgres", "mlflow", "captioner", "detector", "gateway", "etl", "prometheus"]
 PUBLISHED = {"gateway": 8000, "etl": 8003, "mlflow": 5000, "prometheus": 9090, "grafana": 3000}
 READY_TIMEOUT_S = 240  # first start on 2 shared cores: Postgres init, MLflow's migrations, seven imports

@@ -1,7 +1,8 @@
 """What the images and the compose file promise, checked without a container engine (milliseconds each).
 
-- The serving image has no torch: its requirements hold none, and every serving code path imports with
-  torch (and the rest of the training stack) made unimportable.
+- The serving image has no torch and no pyarrow: its requirements hold neither, and every serving code
+  path imports with torch (and the rest of the training stack) made unimportable; the gateway and the
+  model services also without pyarrow, which only the etl image (serving + pyarrow) carries.
 - docker-compose.yml: every service has a restart policy and resource limits, lives on the named network,
   keeps its state in declared volumes, publishes only on loopback, waits for what it needs, and uses only
   keys of the Compose specification (nothing podman-only), so Docker Compose runs it too.
@@ -53,9 +54,11 @@ def requirements(*args: str) -> list[str]:
 
 
 def test_the_serving_image_installs_no_torch() -> None:
-    serving = requirements("serve", "postgres")  # what the Dockerfile's `deps` stage installs
+    serving = requirements("--exclude", "pyarrow", "serve", "postgres")  # the Dockerfile's `deps` stage
     assert not set(serving) & set(TRAINING_STACK), serving
-    assert {"onnxruntime", "tokenizers", "safetensors", "mlflow-skinny", "fastapi", "pyarrow"} <= set(serving)
+    assert {"onnxruntime", "tokenizers", "safetensors", "mlflow-skinny", "fastapi"} <= set(serving)
+    assert "pyarrow" not in serving and "pyarrow" in requirements("serve")
+    assert requirements("--only", "pyarrow") == ["pyarrow"]  # the `deps-etl` stage: the etl image's layer
     training = requirements("train", "data")  # the training image: serve's runtime (self-reference) + torch
     assert {"torch", "torchvision", "ultralytics", "onnxruntime", "mlflow", "dvc"} <= set(training)
     assert requirements("--only", "torch,torchvision", "train") == ["torch", "torchvision"]
@@ -84,6 +87,30 @@ def test_serving_code_paths_import_without_torch() -> None:
             importlib.import_module(f"services.{{app}}.app").create_app()
         loaded = sorted({{m.partition(".")[0] for m in sys.modules}} & set({TRAINING_STACK!r}))
         assert not loaded, loaded
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_gateway_and_model_services_run_without_pyarrow() -> None:
+    # The serving image has no pyarrow (only the etl image does): the three services it runs must neither
+    # import it nor need it to build their apps.
+    code = textwrap.dedent(
+        """
+        import importlib, sys
+
+        class NoPyarrow:
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] == "pyarrow":
+                    raise ImportError(f"{name} is not in the serving image")
+
+        sys.meta_path.insert(0, NoPyarrow())
+        for module in ["snap2caption.cli", "snap2caption.cli.serve", "snap2caption.cli.registry"]:
+            importlib.import_module(module)
+        for app in ("gateway", "captioner", "detector"):
+            importlib.import_module(f"services.{app}.app").create_app()
+        assert "pyarrow" not in sys.modules
         """
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -136,7 +163,7 @@ def test_serving_services_probe_their_own_port() -> None:
     assert SERVICES["captioner"]["environment"]["SNAP2CAPTION_CAPTIONER_RUNTIME"] == "onnx"
 
 
-@pytest.mark.parametrize("target", ["serving", "training", "mlflow", "postgres", "prometheus"])
+@pytest.mark.parametrize("target", ["serving", "etl", "training", "mlflow", "postgres", "prometheus"])
 def test_final_images_run_as_non_root(target: str) -> None:
     stage = dockerfile_stages()[target]
     users = re.findall(r"^USER\s+(\S+)", stage, flags=re.MULTILINE)

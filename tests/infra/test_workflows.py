@@ -48,6 +48,7 @@ def test_images_are_built_and_pushed_on_tags() -> None:
     job = images["jobs"]["build"]
     assert set(job["strategy"]["matrix"]["target"]) == {
         "serving",
+        "etl",
         "training",
         "mlflow",
         "postgres",

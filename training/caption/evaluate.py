@@ -70,6 +70,12 @@ def named_shapes(caption: str) -> set[str]:
     return {_SHAPE_WORDS[w] for w in _WORD.findall(caption.lower()) if w in _SHAPE_WORDS}
 
 
+def pairs_right(references: Sequence[str], prediction: str) -> bool:
+    """Whether a caption names exactly the (colour, shape) pairs its references name (``pair_exact``
+    for one image): what "right" means for the calibrated confidence."""
+    return named_pairs(prediction) == set().union(*(named_pairs(r) for r in references))
+
+
 def _prf(hits: int, predicted: int, expected: int) -> tuple[float, float, float]:
     precision = hits / predicted if predicted else 0.0
     recall = hits / expected if expected else 0.0

@@ -1,5 +1,5 @@
 """One caption training run end to end, in named phases: data -> model -> (cached features) -> tracking ->
-fit -> test -> artifact -> registry -> summary.
+fit -> test -> domain -> confidence calibration -> artifact -> registry -> summary.
 
 ``snap2caption train caption`` calls :func:`train_caption`; so do the tests, with the ``tiny`` preset. Every
 setting of the run is in its config (:class:`~training.caption.config.CaptionRunConfig`: ``run``, ``model``,
@@ -7,7 +7,8 @@ setting of the run is in its config (:class:`~training.caption.config.CaptionRun
 
 Output folder (``run.out``)::
 
-    <out>/model/          the artifact (safetensors, config, tokenizer, model card, MANIFEST.json)
+    <out>/model/          the artifact (weights, config, tokenizer, calibration, domain, model card,
+                          MANIFEST.json)
     <out>/checkpoints/    resumable checkpoints (``run.resume``; ``run.checkpoints`` puts them elsewhere)
     <out>/metrics.json    test and validation metrics, timings, provenance, registered version
     <out>/samples.json    test image / references / prediction triples
@@ -27,14 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor
 
 from snap2caption.config import ConfigError
 from snap2caption.models.caption.artifact import save_caption_model
+from snap2caption.models.caption.calibration import (
+    Calibration,
+    expected_calibration_error,
+    fit_platt,
+)
+from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, build_tokenizer
+from snap2caption.models.domain import DEFAULT_FALSE_REJECTION_RATE, DomainModel, fit_domain
 from snap2caption.monitoring.reference import (
     REFERENCE_FILE,
     DriftReference,
@@ -46,11 +55,12 @@ from training.callbacks.checkpoint import Checkpoint, CheckpointCallback, latest
 from training.callbacks.early_stopping import EarlyStopping
 from training.callbacks.progress import ProgressCallback
 from training.caption.config import CaptionRunConfig
-from training.caption.data import CaptionPairs, SplitData, manifest_path
-from training.caption.evaluate import EvalResult, evaluate_split
+from training.caption.data import CaptionPairs, SplitData, image_loader, manifest_path
+from training.caption.evaluate import EvalResult, evaluate_split, pairs_right
 from training.caption.features import cached_features
 from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
 from training.caption.train import CaptionTrainer, TrainState, auto_threads, resolve_device
+from training.distributed.strategy import SingleProcess
 from training.provenance import dataset_version, git_commit
 
 if TYPE_CHECKING:
@@ -65,6 +75,11 @@ RESUMABLE_CHANGES = {
     "eval_every", "patience", "device", "threads", "num_workers", "log_every", "metrics_scorer",
     "test_max_images", "num_samples", "eval_batch_size",
 }  # fmt: skip
+
+# The domain model (``domain.json``): fitted on at most this many training images (a seeded sample),
+# calibrated on the validation split to this false-rejection rate.
+DOMAIN_FIT_MAX_IMAGES = 2000
+DOMAIN_FALSE_REJECTION_RATE = DEFAULT_FALSE_REJECTION_RATE
 
 
 @dataclass
@@ -124,6 +139,7 @@ def train_caption(
     progress: bool | None = None,
     extra_callbacks: list[Callback] | None = None,
     started: float | None = None,
+    strategy: SingleProcess | None = None,
 ) -> RunResult:
     """Train, evaluate on the test split, save the artifact with its model card, log and register.
 
@@ -132,21 +148,32 @@ def train_caption(
         progress: Progress bars: True, False, or None (only on a terminal).
         extra_callbacks: More callbacks (e.g. a Ray Tune reporter).
         started: ``time.monotonic()`` when the run began (the time budget counts from it); default now.
+        strategy: One process (default), or this process's rank of a DDP group (``train caption
+            --workers``, :mod:`training.distributed`): rank 0 validates, tests, tracks, checkpoints, saves
+            and registers; the other ranks only train (``extra_callbacks`` run on every rank).
 
     Returns:
         What the run produced.
     """
     started = time.monotonic() if started is None else started
+    strategy = strategy or SingleProcess()
     timings: dict[str, float] = {}
     device = setup_device(config)
-    checkpoint = open_checkpoints(config)
+    checkpoint = open_checkpoints(config, owner=strategy.is_main)
     splits = load_splits(config)
+    if not strategy.is_main:
+        splits = Splits(splits.train, val=None, test=None)  # only rank 0 validates and tests
     model = build_model(config, splits, checkpoint, device)
-    pairs, val_features = training_pairs(config, model, splits, device, progress, timings)
+    with strategy.main_first():  # rank 0 fills the feature cache, then the others read it
+        pairs, val_features = training_pairs(config, model, splits, device, progress, timings)
     provenance = describe_run(config, splits, pairs)
-    tracker = start_tracking(config, model, pairs, provenance)
+    tracker = start_tracking(config, model, pairs, provenance, strategy)
     callbacks = CallbackList(
-        [*standard_callbacks(config, progress), *([tracker] if tracker else []), *(extra_callbacks or [])]
+        [
+            *(standard_callbacks(config, progress) if strategy.is_main else []),
+            *([tracker] if tracker else []),
+            *(extra_callbacks or []),
+        ]
     )
     trainer = CaptionTrainer(
         config,
@@ -156,22 +183,38 @@ def train_caption(
         val_features=val_features,
         device=device,
         callbacks=callbacks,
-        deadline=deadline(config, started),
+        deadline=deadline(config, started) if strategy.is_main else None,  # rank 0's clock rules
+        strategy=strategy,
     )
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.state, checkpoint.best_weights)
+    strategy.seed_rank(config.train.seed, trainer.state.step)
 
     failed = True
     try:
         with timed(timings, "train_s"):
             state = trainer.fit()
+        if not strategy.is_main:  # the weights every rank trained are rank 0's to test, save and register
+            failed = False
+            out = Path(config.run.out)
+            return RunResult(out, out / "model", state, None, None, None, timings)
         test = None
         if splits.test is not None:
             with timed(timings, "test_s"):
                 test = test_model(config, model, splits.test, progress)
             callbacks.on_test_end(trainer, test)
+        with timed(timings, "domain_s"):
+            domain = describe_domain(config, model, splits, pairs, val_features, provenance, tracker)
+        calibration = None
+        if splits.val is not None and len(splits.val):
+            with timed(timings, "calibration_s"):
+                calibration = calibrate_confidence(config, model, splits.val, splits.test, test, progress)
+            if tracker is not None:
+                tracker.log_metrics(calibration_metrics(calibration), state.step)
         with timed(timings, "save_s"):
-            artifact, training = save_artifact(config, trainer, test, provenance, tracker, timings, started)
+            artifact, training = save_artifact(
+                config, trainer, test, calibration, provenance, tracker, timings, started, domain
+            )
             callbacks.on_model_saved(trainer, artifact)
         registered = None
         if config.run.register:
@@ -179,7 +222,9 @@ def train_caption(
             with timed(timings, "register_s"):
                 registered = register_model(config, tracker, artifact, test, state, provenance)
         timings["total_s"] = time.monotonic() - started
-        summary = write_summary(config, trainer, test, training, provenance, tracker, registered, timings)
+        summary = write_summary(
+            config, trainer, test, calibration, training, provenance, tracker, registered, timings, domain
+        )
         failed = False
     finally:
         callbacks.on_run_end(trainer, failed)
@@ -206,9 +251,10 @@ def setup_device(config: CaptionRunConfig) -> torch.device:
     return resolve_device(config.train.device)
 
 
-def open_checkpoints(config: CaptionRunConfig) -> Checkpoint | None:
+def open_checkpoints(config: CaptionRunConfig, *, owner: bool = True) -> Checkpoint | None:
     """The checkpoint ``run.resume`` names, checked against this config; a fresh run empties the
-    checkpoint folder instead. Creates the run folder.
+    checkpoint folder instead, when this process owns it (``owner``: not a rank other than 0). Creates the
+    run folder.
 
     Raises:
         FileNotFoundError: ``run.resume=latest`` and no checkpoint to resume from.
@@ -225,7 +271,7 @@ def open_checkpoints(config: CaptionRunConfig) -> Checkpoint | None:
         checkpoint = read_checkpoint(path)
         check_resume(config, checkpoint.config)
         logger.info("resuming from %s", path)
-    else:
+    elif owner:
         shutil.rmtree(folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
@@ -331,11 +377,16 @@ def standard_callbacks(config: CaptionRunConfig, progress: bool | None) -> list[
 
 
 def start_tracking(
-    config: CaptionRunConfig, model: CaptionModel, pairs: CaptionPairs, provenance: Provenance
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    pairs: CaptionPairs,
+    provenance: Provenance,
+    strategy: SingleProcess,
 ) -> MlflowCallback | None:
-    """The MLflow callback (None with ``run.mlflow`` off): the run's params, tags and resolved config, in
-    ``run.experiment_name`` of the registry at ``run.tracking_uri``."""
-    if not config.run.mlflow:
+    """The MLflow callback (None with ``run.mlflow`` off, and on ranks other than 0): the run's params
+    (the parallelism too), tags and resolved config, in ``run.experiment_name`` of the registry at
+    ``run.tracking_uri``."""
+    if not config.run.mlflow or not strategy.is_main:
         return None
     from snap2caption.registry import Registry
     from training.callbacks.mlflow import MlflowCallback
@@ -352,6 +403,7 @@ def start_tracking(
         "train_pairs": len(pairs),
         "vocab_size": model.tokenizer.vocab_size,
         "features_cached": uses_cached_features(config),
+        **strategy.describe(),
     }
     return MlflowCallback(
         Registry(config.run.tracking_uri),
@@ -382,17 +434,187 @@ def test_model(
     )
 
 
+def describe_domain(
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    splits: Splits,
+    pairs: CaptionPairs,
+    val_features: Tensor | None,
+    provenance: Provenance,
+    tracker: MlflowCallback | None,
+) -> DomainModel | None:
+    """The final model's training domain (:mod:`snap2caption.models.domain`) in its ``prefix.pooled``
+    feature space: fitted on (a seeded sample of at most ``DOMAIN_FIT_MAX_IMAGES``) training images,
+    calibrated on the validation split to ``DOMAIN_FALSE_REJECTION_RATE``, its in-domain rejection rate
+    measured on the test split (computed from pixels, as the served model computes it). The counts and
+    the rate go into ``domain.json``'s ``extra``, the run summary and MLflow.
+
+    Returns:
+        None (with a warning; the artifact then has no domain model) without a validation split large
+        enough to calibrate the rate.
+    """
+    need = int(np.ceil(1.0 / DOMAIN_FALSE_REJECTION_RATE)) - 1
+    if splits.val is None or len(splits.val) < need:
+        found = len(splits.val) if splits.val is not None else 0
+        logger.warning(
+            "no domain model: %d validation images cannot calibrate a false-rejection rate of %s (need %d)",
+            found,
+            DOMAIN_FALSE_REJECTION_RATE,
+            need,
+        )
+        return None
+    train = splits.train
+    rows = np.arange(len(train))
+    if len(rows) > DOMAIN_FIT_MAX_IMAGES:
+        rng = np.random.default_rng(config.train.seed)
+        rows = np.sort(rng.choice(rows, DOMAIN_FIT_MAX_IMAGES, replace=False))
+    was_training = model.training
+    model.eval()
+    try:
+        batch = max(config.train.eval_batch_size, 1)
+        if pairs.features is not None:
+            fit = _pooled_from_features(model, pairs.features[torch.from_numpy(rows)], batch)
+        else:
+            fit = _pooled_from_pixels(model, [train.paths[i] for i in rows], batch, config.train.num_workers)
+        if val_features is not None:
+            calibration = _pooled_from_features(model, val_features, batch)
+        else:
+            calibration = _pooled_from_pixels(model, splits.val.paths, batch, config.train.num_workers)
+        test = None
+        if splits.test is not None:
+            test_paths = splits.test.paths[:DOMAIN_FIT_MAX_IMAGES]
+            test = _pooled_from_pixels(model, test_paths, batch, config.train.num_workers)
+    finally:
+        model.train(was_training)
+    domain = fit_domain(
+        fit, calibration, feature=DOMAIN_FEATURE, false_rejection_rate=DOMAIN_FALSE_REJECTION_RATE
+    )
+    facts: dict[str, Any] = {
+        "dataset_version": provenance.facts.version,
+        "fit_split": train.name,
+        "calibration_split": splits.val.name,
+        "n_fit": int(fit.shape[0]),
+        "n_calibration": int(calibration.shape[0]),
+        "test_split": splits.test.name if splits.test is not None else None,
+        "n_test": int(test.shape[0]) if test is not None else 0,
+        "test_rejection_rate": domain.rejection_rate(test) if test is not None else None,
+    }
+    domain = dataclasses.replace(domain, extra=facts)
+    logger.info(
+        "domain model: fitted on %d %s images, calibrated on %d %s images (false-rejection rate %s); "
+        "test-split rejection rate %s",
+        facts["n_fit"],
+        train.name,
+        facts["n_calibration"],
+        splits.val.name,
+        DOMAIN_FALSE_REJECTION_RATE,
+        facts["test_rejection_rate"],
+    )
+    if tracker is not None:
+        metrics = {
+            "domain_n_fit": float(facts["n_fit"]),
+            "domain_n_calibration": float(facts["n_calibration"]),
+            "domain_false_rejection_rate": DOMAIN_FALSE_REJECTION_RATE,
+        }
+        if facts["test_rejection_rate"] is not None:
+            metrics["domain_test_rejection_rate"] = float(facts["test_rejection_rate"])
+        tracker.log_metrics(metrics, 0)
+    return domain
+
+
+# What "right" means for the calibrated caption confidence (stored in calibration.json).
+RIGHT = (
+    "the (colour, shape) pairs the caption names equal those its references name (pair exact match; "
+    "the synthetic benchmark's vocabulary)"
+)
+
+
+def calibrate_confidence(
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    val: SplitData,
+    test_split: SplitData | None,
+    test: EvalResult | None,
+    progress: bool | None,
+) -> Calibration:
+    """Fit the caption confidence's calibration on the validation split; measure its ECE held out.
+
+    The final model captions every validation image from its file (the serving path) with its own decoding
+    defaults (what the captioner serves); a caption is right when its (colour, shape) pairs equal the
+    references' (:func:`~training.caption.evaluate.pairs_right`). Platt scaling is fitted on all of them and
+    the ECE before/after is measured on the test split's captions (already made by the test phase, with the
+    same decoding unless ``train.eval_num_beams`` changed it). Without such test captions it is fitted on the
+    even-numbered validation images and measured on the odd ones.
+    """
+    cfg = config.train
+    result = evaluate_split(
+        model,
+        val,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        scorer="python",
+        metrics=["CIDEr-D"],
+        progress=progress is True,
+    )
+    raw = result.confidences
+    right = [pairs_right(refs, result.predictions[i]) for i, refs in val.references().items()]
+    served_beams = model.config.decoding.num_beams
+    if test is not None and test_split is not None and cfg.eval_num_beams in (0, served_beams):
+        references = test_split.head(cfg.test_max_images).references()
+        fit_raw, fit_right, fit_split = raw, right, val.name
+        eval_raw = test.confidences
+        eval_right = [pairs_right(refs, test.predictions[i]) for i, refs in references.items()]
+        eval_split = test.split
+    else:
+        fit_raw, fit_right, fit_split = raw[::2], right[::2], f"{val.name} (even-numbered images)"
+        eval_raw, eval_right, eval_split = raw[1::2], right[1::2], f"{val.name} (odd-numbered images)"
+    slope, intercept = fit_platt(fit_raw, fit_right)
+    fitted = Calibration(slope, intercept, RIGHT, fit_split, len(fit_raw), sum(fit_right))
+    if not eval_raw:
+        return fitted
+    calibration = dataclasses.replace(
+        fitted,
+        eval_split=eval_split,
+        n_eval=len(eval_raw),
+        ece_before=expected_calibration_error(eval_raw, eval_right),
+        ece_after=expected_calibration_error(fitted.apply(np.asarray(eval_raw)), eval_right),
+    )
+    logger.info(
+        "confidence calibration: slope %.3f intercept %.3f on %d %s captions (%d right); ECE on %d %s "
+        "captions %.4f -> %.4f",
+        slope, intercept, len(fit_raw), fit_split, sum(fit_right), len(eval_raw), eval_split,
+        calibration.ece_before, calibration.ece_after,
+    )  # fmt: skip
+    return calibration
+
+
+def calibration_metrics(calibration: Calibration) -> dict[str, float]:
+    """The calibration's numbers as MLflow metrics (``calibration_ece_before`` / ``_after`` / ...)."""
+    metrics = {
+        "calibration_slope": calibration.slope,
+        "calibration_intercept": calibration.intercept,
+        "calibration_n_fit": float(calibration.n_fit),
+    }
+    if calibration.ece_before is not None and calibration.ece_after is not None:
+        metrics["calibration_ece_before"] = calibration.ece_before
+        metrics["calibration_ece_after"] = calibration.ece_after
+    return metrics
+
+
 def save_artifact(
     config: CaptionRunConfig,
     trainer: CaptionTrainer,
     test: EvalResult | None,
+    calibration: Calibration | None,
     provenance: Provenance,
     tracker: MlflowCallback | None,
     timings: dict[str, float],
     started: float,
+    domain: DomainModel | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the model card and the
-    ONNX export (what the ``onnx`` runtimes load).
+    """Write ``<out>/model``: weights, config and tokenizer, the drift reference, the confidence calibration,
+    the domain model (``domain.json`` + ``domain.npz``, when there is one), the model card and the ONNX
+    export (what the ``onnx`` runtimes load); ``MANIFEST.json`` covers all of them.
 
     Returns:
         The artifact folder, and the training facts the model card states.
@@ -422,6 +644,7 @@ def save_artifact(
         model.tokenizer,
         artifact,
         drift_reference=drift_reference(Path(config.run.data), facts.version, test),
+        calibration=calibration,
         extra={
             "preset": config.run.preset,
             "dataset_version": facts.version,
@@ -440,6 +663,8 @@ def save_artifact(
         **parameter_counts(model),
         vocab_size=model.tokenizer.vocab_size,
     )
+    if domain is not None:
+        domain.save(artifact)  # before the model card rewrites the manifest, so the manifest covers it
     write_model_card(artifact, card)
     export_for_serving(artifact)  # ONNX + int8 decoder
     return artifact, training
@@ -475,11 +700,13 @@ def write_summary(
     config: CaptionRunConfig,
     trainer: CaptionTrainer,
     test: EvalResult | None,
+    calibration: Calibration | None,
     training: dict[str, Any],
     provenance: Provenance,
     tracker: MlflowCallback | None,
     registered: ModelVersionInfo | None,
     timings: dict[str, float],
+    domain: DomainModel | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``samples.json`` and ``config.yaml`` into the run folder.
 
@@ -499,6 +726,8 @@ def write_summary(
             "history": state.evals,
         },
         "test": test.to_dict() if test else None,
+        "domain": _domain_summary(domain),
+        "calibration": calibration.to_dict() if calibration else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "dataset": {"path": facts.data_dir, "version": facts.version, "images": facts.images},
         "git_commit": provenance.commit,
@@ -560,6 +789,45 @@ def check_resume(config: CaptionRunConfig, saved: dict[str, Any]) -> None:
         raise ConfigError(f"cannot resume: train settings {refused} differ from the checkpoint's")
     if changed:
         logger.info("resuming with changed train settings %s", changed)
+
+
+def _pooled_from_features(model: CaptionModel, features: Tensor, batch_size: int) -> np.ndarray:
+    """``prefix.pooled`` of (N, C, h, w) cached encoder features: the mapping network, no encoder pass."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, features.shape[0], batch_size):
+            chunk = features[start : start + batch_size].to(device).float()
+            out.append(pooled_prefix(model.encode(features=chunk).float().cpu().numpy()))
+    return np.concatenate(out)
+
+
+def _pooled_from_pixels(
+    model: CaptionModel, paths: list[Path], batch_size: int, num_workers: int
+) -> np.ndarray:
+    """``prefix.pooled`` of image files, decoded and preprocessed as the served model does."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for pixels in image_loader(paths, model.preprocess, batch_size, num_workers):
+            out.append(pooled_prefix(model.encode(pixels.to(device)).float().cpu().numpy()))
+    return np.concatenate(out)
+
+
+def _domain_summary(domain: DomainModel | None) -> dict[str, Any] | None:
+    """What ``metrics.json`` says about the domain model."""
+    if domain is None:
+        return None
+    info = domain.info()
+    keep = (
+        "feature",
+        "false_rejection_rate",
+        "threshold",
+        "n_fit",
+        "n_calibration",
+        "calibration_rejection_rate",
+    )
+    return {**{k: info[k] for k in keep}, **domain.extra}
 
 
 def _optional_split(data_dir: Path, name: str) -> SplitData | None:

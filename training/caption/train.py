@@ -35,6 +35,7 @@ from training.caption.data import (
     pair_loader,
 )
 from training.caption.evaluate import EvalResult, evaluate_split
+from training.distributed.strategy import SingleProcess
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,10 @@ class CaptionTrainer:
         device: Where to train.
         callbacks: Integrations (progress, MLflow, checkpoints, early stopping).
         deadline: ``time.monotonic()`` value by which the loop must stop (None: no budget).
+        strategy: One process (default) or one rank of a DDP group
+            (:mod:`training.distributed.strategy`); each optimizer step then trains on
+            ``batch_size x grad_accum x world_size`` pairs, this process's share being
+            ``batch_size x grad_accum``.
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class CaptionTrainer:
         device: torch.device,
         callbacks: CallbackList | list[Callback] | None = None,
         deadline: float | None = None,
+        strategy: SingleProcess | None = None,
     ) -> None:
         self.config = config
         self.cfg = config.train
@@ -162,13 +168,16 @@ class CaptionTrainer:
         self.val_features = val_features[: len(self.val)] if val_features is not None and self.val else None
         self.callbacks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks or [])
         self.deadline = deadline
+        self.strategy = strategy or SingleProcess()
+        self.forward_module = self.strategy.wrap(model)  # what the training step calls (DDP across ranks)
+        self.global_batch = self.cfg.effective_batch * self.strategy.world_size
         self.optimizer = build_optimizer(model, self.cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.cfg.precision == "fp16")
-        self.steps_per_epoch = len(train_pairs) // self.cfg.effective_batch
+        self.steps_per_epoch = len(train_pairs) // self.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"{len(train_pairs)} training pairs cannot fill one batch of {self.cfg.effective_batch} "
-                "(train.batch_size x train.grad_accum)"
+                f"{len(train_pairs)} training pairs cannot fill one batch of {self.global_batch} "
+                "(train.batch_size x train.grad_accum x workers)"
             )
         self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
         self.state = TrainState()
@@ -193,22 +202,24 @@ class CaptionTrainer:
         self.callbacks.on_train_start(self)
         while not self.stop_reason and self.state.step < self.total_steps:
             epoch, offset = divmod(self.state.step, self.steps_per_epoch)
-            batches = epoch_batches(len(self.train_pairs), cfg.effective_batch, cfg.seed, epoch)[offset:]
+            batches = epoch_batches(len(self.train_pairs), self.global_batch, cfg.seed, epoch)[offset:]
+            mine = self.strategy.shard(batches)
             micro_batches = iter(
-                pair_loader(self.train_pairs, self.collate, batches, cfg.batch_size, cfg.num_workers)
+                pair_loader(self.train_pairs, self.collate, mine, cfg.batch_size, cfg.num_workers)
             )
             for _ in batches:
                 if self._out_of_time():
                     self.stop(f"time budget of {cfg.time_budget_min} min reached")
+                if self._stopping():
                     break
                 logs = self.train_step([next(micro_batches) for _ in range(cfg.grad_accum)])
                 self.state.step += 1
                 self.state.elapsed_s = self._elapsed_before + time.monotonic() - self._fit_started
                 logs["epoch"] = self.state.step / self.steps_per_epoch
-                if cfg.eval_every and self.state.step % cfg.eval_every == 0:
+                if self.val is not None and cfg.eval_every and self.state.step % cfg.eval_every == 0:
                     self.validate()
                 self.callbacks.on_step_end(self, logs)
-                if self.stop_reason or self.state.step >= self.total_steps:
+                if self._stopping() or self.state.step >= self.total_steps:
                     break
         if not self.stop_reason:
             self.stop_reason = f"{self.total_steps} steps done"
@@ -237,18 +248,24 @@ class CaptionTrainer:
         """
         started = time.perf_counter()
         self.model.train()
-        n_targets = sum(b.n_targets for b in micro_batches)
+        strategy = self.strategy
+        # Target tokens of the global batch (every rank's micro-batches); DDP averages the ranks'
+        # gradients, so each rank's loss is scaled by world_size to make that average a sum.
+        n_targets = int(strategy.all_sum(torch.tensor(sum(b.n_targets for b in micro_batches))))
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
-            with self.autocast():
-                inputs = {"features": batch.images} if batch.is_features else {"pixels": batch.images}
-                out = self.model(batch.input_ids, batch.attention_mask, **inputs)
-            assert out.loss is not None
-            loss = out.loss * (batch.n_targets / n_targets)
-            self.scaler.scale(loss).backward()
+            with strategy.accumulating(self.forward_module, last=i == len(micro_batches) - 1):
+                with self.autocast():
+                    inputs = {"features": batch.images} if batch.is_features else {"pixels": batch.images}
+                    out = self.forward_module(batch.input_ids, batch.attention_mask, **inputs)
+                assert out.loss is not None
+                loss = out.loss * (batch.n_targets / n_targets)
+                self.scaler.scale(loss * strategy.world_size).backward()
             total += loss.detach()
-        lr = learning_rate(self.cfg, self.state.step, self.total_steps, self.time_fraction())
+        total = strategy.all_sum(total)
+        time_fraction = strategy.from_main(self.time_fraction())  # rank 0's clock sets every rank's lr
+        lr = learning_rate(self.cfg, self.state.step, self.total_steps, time_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = math.nan
@@ -259,7 +276,7 @@ class CaptionTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        n_images = sum(b.input_ids.shape[0] for b in micro_batches)
+        n_images = sum(b.input_ids.shape[0] for b in micro_batches) * strategy.world_size
         return {
             "loss": float(total),
             "lr": lr,
@@ -301,6 +318,13 @@ class CaptionTrainer:
         """Ask the loop to stop after the current step (callbacks call this)."""
         if not self.stop_reason:
             self.stop_reason = reason
+
+    def _stopping(self) -> bool:
+        """Whether the loop stops now: on every rank as soon as one rank stops (rank 0 holds the clock and
+        the validation), so that no rank waits for a step the others never take."""
+        if self.strategy.any_rank(bool(self.stop_reason)) and not self.stop_reason:
+            self.stop("stopped with the other ranks")
+        return bool(self.stop_reason)
 
     # ------------------------------------------------------------------------------------ the clock
 

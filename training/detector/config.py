@@ -51,6 +51,10 @@ class DetectorTrainConfig:
         max_val_images: Same for the validation split used during training.
         max_test_images: Same for the split the registered metrics come from.
         eval_split: Split the registered ``test_map50_95`` is measured on.
+        domain_images: Most images per split for the domain model (fitted on the train split, calibrated
+            on the validation split, measured on the test split; the first by image id; 0 = all). The
+            validation split needs at least ``1 / DEFAULT_FALSE_REJECTION_RATE - 1`` (49) images, else the
+            model ships without a domain model (and a warning says so).
         plots: Draw PR curves, confusion matrices and training curves (logged to MLflow).
     """
 
@@ -76,6 +80,7 @@ class DetectorTrainConfig:
     max_val_images: int = 0
     max_test_images: int = 0
     eval_split: Literal["train", "val", "test"] = "test"
+    domain_images: int = 1000
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -85,7 +90,14 @@ class DetectorTrainConfig:
         for name in ("epochs", "batch", "threads", "nbs"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "max_train_images", "max_val_images", "max_test_images", "close_mosaic"):
+        for name in (
+            "workers",
+            "max_train_images",
+            "max_val_images",
+            "max_test_images",
+            "close_mosaic",
+            "domain_images",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.time_budget_min < 0:

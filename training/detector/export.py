@@ -1,7 +1,8 @@
 """``snap2caption export detector``: re-export a detector artifact, calibrating int8 on its training images.
 
 The export itself is the model package's (:func:`snap2caption.models.detector.export.reexport`); what
-training adds is the calibration data: the first training images, letterboxed as serving does.
+training adds is the calibration data: the first training images, letterboxed as serving does, and for an
+artifact with a training domain, the int8 model's own domain model (``int8/``), fitted as training does.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Literal
 import numpy as np
 
 from snap2caption.imaging import decode_file
+from snap2caption.manifest import write_manifest
 from snap2caption.models.detector.boxes import letterbox
-from snap2caption.models.detector.config import DetectorConfig, read_config
+from snap2caption.models.detector.config import INT8_DOMAIN_DIR, DetectorConfig, read_config
 from snap2caption.models.detector.export import reexport
+from snap2caption.models.domain import load_domain
 from snap2caption.models.onnx_export import ExportError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ def export_detector(
         ExportError: TensorRT missing, or no calibration data for int8.
     """
     calibration = None
+    data = None
     if int8:
         config = read_config(model_dir)
         data = calibration_data or config.extra.get("train", {}).get("data")
@@ -70,5 +74,21 @@ def export_detector(
             raise ExportError(f"int8 calibration needs the training data folder; got {data!r} (--calib-data)")
         calibration = calibration_batches(data, config)
     out = reexport(model_dir, out_dir, fmt=fmt, calibration=calibration)
+    if int8 and data is not None and load_domain(out) is not None:
+        int8_domain(out, data)
     logger.info("exported detector %s -> %s", model_dir, out)
     return out
+
+
+def int8_domain(folder: Path, data_dir: str | Path) -> None:
+    """Fit the int8 model's own domain model into ``folder/int8/`` (same splits and image cap as training;
+    quantized activations move the features enough that the float model's threshold would reject ~15% of
+    in-domain scenes), then rewrite the manifest."""
+    from snap2caption.models import detector as detector_model
+    from training.detector.domain import fit_detector_domain
+
+    images = int(read_config(folder).extra.get("train", {}).get("domain_images", 1000))
+    detector = detector_model.load(folder, "onnx", int8=True, verify=False)
+    report = fit_detector_domain(detector, data_dir, images=images)
+    report.domain.save(folder / INT8_DOMAIN_DIR)
+    write_manifest(folder)

@@ -8,8 +8,11 @@
    YAML (optionally filled from COCO weights) — every Ultralytics download switched off
    (``snap2caption.models.detector.yolo``) — with the MLflow and time-budget callbacks; the best-fitness EMA
    weights are kept in memory (no pickled checkpoint is written);
-3. writes the artifact (safetensors, model YAML, ``config.json``, ONNX with metadata), evaluates the ONNX
-   model on the test split with pycocotools, adds the model card and manifest;
+3. writes the artifact (safetensors, model YAML, ``config.json``, ONNX with metadata and the features
+   output), evaluates the ONNX model on the test split with pycocotools, fits the detector's training
+   domain on its own features (``domain.json`` + ``domain.npz``, :mod:`training.detector.domain`: fitted on
+   the train split, calibrated on the validation split, measured on the test split and real photos), adds
+   the model card and manifest;
 4. registers it as ``run.name`` (alias ``candidate``; gate metric ``test_map50_95``) and, with
    ``run.promote``, promotes it through the gate.
 """
@@ -24,6 +27,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from snap2caption.monitoring.reference import read_reference, write_reference
 from snap2caption.registry import PromotionResult, Registry, snap2caption_home
 from training.detector.callbacks import MlflowLogger, TimeBudget, metric_key
 from training.detector.config import DetectorRunConfig, DetectorTrainConfig
+from training.detector.domain import DomainReport, fit_detector_domain
 from training.detector.evaluate import DetectionEval, evaluate_detector, load_split
 from training.detector.export import CARD_FILE
 
@@ -64,6 +69,7 @@ class TrainResult:
         train_seconds: Wall time from job start to the end of the last epoch.
         total_seconds: Wall time of the whole job.
         work_dir: Ultralytics' run folder (plots, results.csv, staged data).
+        domain: The training domain written into the artifact and what it measured (None: none written).
     """
 
     artifact_dir: Path
@@ -76,6 +82,7 @@ class TrainResult:
     train_seconds: float
     total_seconds: float
     work_dir: Path
+    domain: DomainReport | None = None
 
 
 def stage_dataset(
@@ -195,10 +202,36 @@ def _overrides(config: DetectorTrainConfig, data_yaml: Path, work_dir: Path) -> 
     }
 
 
+def domain_card(report: DomainReport | None, why_none: str) -> str:
+    """The model card's paragraph on the training domain."""
+    if report is None:
+        return f"**Domain.** No domain model: {why_none}. The detector service answers `in_domain: null`."
+    domain = report.domain
+    photos = (
+        "scikit-image was not installed, so it was not measured on real photos"
+        if report.real_photo_detection_rate is None
+        else f"it calls {report.real_photo_detection_rate:.0%} of scikit-image's {len(report.real_photos)} "
+        f"real photos ({', '.join(report.real_photos)}) out of domain"
+    )
+    return (
+        f"**Domain.** `domain.json` + `domain.npz` describe where the training images lie in the detector's "
+        f"own features (`{domain.feature}`, {domain.dim} values per image, from the same forward pass as "
+        f"the boxes): a probabilistic-PCA Mahalanobis distance fitted on {domain.n_fit} training images, "
+        f"its threshold calibrated on {domain.calibration.size} validation images for a false-rejection "
+        f"rate of {domain.false_rejection_rate:g}. Measured: it rejects {report.test_rejection_rate:.1%} of "
+        f"{report.test_images} held-out test images (in domain), and {photos}. The detector service "
+        "withholds the objects of an image outside this domain (`withheld`, `include_out_of_domain`)."
+    )
+
+
 def model_card(
-    config: DetectorConfig, run_config: DetectorRunConfig, evaluation: DetectionEval, facts: dict
+    config: DetectorConfig,
+    run_config: DetectorRunConfig,
+    evaluation: DetectionEval,
+    facts: dict,
+    domain: str = "",
 ) -> str:
-    """The artifact's ``README.md``."""
+    """The artifact's ``README.md`` (``domain``: the paragraph of :func:`domain_card`)."""
     rows = "\n".join(
         f"| {name} | {v['instances']} | {v['ap50_95']:.3f} | {v['ap50']:.3f} |"
         for name, v in evaluation.per_class.items()
@@ -233,6 +266,8 @@ IoU 0.7, at most 100 detections per image.
 |---|---|---|---|
 {rows}
 
+{domain}
+
 **Training.** {facts["epochs"]} of {facts["planned_epochs"]} planned epochs in {
         facts["train_seconds"]:.0f} s on
 {facts["machine"]} (`device=cpu`, `amp=False`, {train.threads} threads); full config in `config.json`.
@@ -241,12 +276,16 @@ IoU 0.7, at most 100 detections per image.
 """
 
 
-def train_detector(config: DetectorRunConfig) -> TrainResult:
+def train_detector(
+    config: DetectorRunConfig, *, callbacks: Sequence[Any] = (), tags: Mapping[str, str] | None = None
+) -> TrainResult:
     """Train, export, evaluate and (with ``run.register``) register a detector. See the module docstring.
 
     Args:
         config: The resolved run config. The artifact goes to ``run.out`` (replaced), by default
             ``$SNAP2CAPTION_HOME/models/<run.name>/run-<UTC time>``.
+        callbacks: More Ultralytics callbacks, each with ``attach(trainer)`` (e.g. a Ray Tune reporter).
+        tags: More MLflow run tags (e.g. the parent run of a search); ``mlflow.runName`` names the run.
 
     Raises:
         FileNotFoundError: No ETL output at ``run.data``.
@@ -262,10 +301,11 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
     torch.set_num_threads(cfg.threads)
     registry = Registry(run.tracking_uri)
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.registry_uri)
+    extra_tags = dict(tags or {})
     mlflow_run = client.create_run(
         registry.ensure_experiment(run.experiment_name),
-        run_name=f"detector-{Path(cfg.model).stem}-{cfg.imgsz}",
-        tags={"snap2caption.model": run.name, "preset": run.preset},
+        run_name=extra_tags.pop("mlflow.runName", f"detector-{Path(cfg.model).stem}-{cfg.imgsz}"),
+        tags={"snap2caption.model": run.name, "preset": run.preset, **extra_tags},
     )
     run_id = mlflow_run.info.run_id
     try:
@@ -283,6 +323,8 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
         budget = TimeBudget(cfg.time_budget_min * 60, started) if cfg.time_budget_min > 0 else None
         if budget:
             budget.attach(trainer)
+        for callback in callbacks:
+            callback.attach(trainer)
         trainer.train()
         train_seconds = time.monotonic() - started
         epochs = int(trainer.epoch) + 1
@@ -315,7 +357,11 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
         det_config = dataclasses.replace(det_config, extra={**det_config.extra, "metrics": metrics})
         (out / CONFIG_FILE).write_text(json.dumps(det_config.to_dict(), indent=2, sort_keys=True) + "\n")
         (out / EVAL_FILE).write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")
-        (out / CARD_FILE).write_text(model_card(det_config, config, evaluation, facts))
+        domain, why_none = fit_domain_or_explain(detector, run.data, cfg)
+        if domain is not None:
+            domain.domain.save(out)  # before the manifest: load-time verification covers it
+        card = model_card(det_config, config, evaluation, facts, domain_card(domain, why_none))
+        (out / CARD_FILE).write_text(card)
         # The drift reference of the training images ships with the model (the detector service's monitor).
         reference = read_reference(Path(run.data) / "manifests")
         if reference is not None:
@@ -328,6 +374,7 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
         client.log_batch(
             run_id,
             metrics=[Metric(metric_key(k), v, now, epochs) for k, v in metrics.items()]
+            + [Metric(k, v, now, epochs) for k, v in (domain.metrics() if domain else {}).items()]
             + [
                 Metric("train_seconds", train_seconds, now, epochs),
                 Metric("epochs_run", epochs, now, epochs),
@@ -358,7 +405,20 @@ def train_detector(config: DetectorRunConfig) -> TrainResult:
         train_seconds=train_seconds,
         total_seconds=time.monotonic() - started,
         work_dir=work,
+        domain=domain,
     )
+
+
+def fit_domain_or_explain(
+    detector: detector_model.Detector, data_dir: str | Path, config: DetectorTrainConfig
+) -> tuple[DomainReport | None, str]:
+    """The detector's domain (:func:`fit_detector_domain`), or None and why (a validation split too small
+    to calibrate on: the model then ships without one, as older artifacts do)."""
+    try:
+        return fit_detector_domain(detector, data_dir, images=config.domain_images), ""
+    except ValueError as exc:
+        logger.warning("no domain model for the detector: %s", exc)
+        return None, str(exc)
 
 
 def default_out(name: str) -> Path:

@@ -2,12 +2,14 @@
 
 There is nothing to train: the tagger is EfficientNet-Lite0 with its published ImageNet weights. What this
 job adds is an honest gate metric (``test_top1`` on the labelled scikit-image photos of
-:mod:`training.tagger.photos`, measured on the ONNX model that serving runs), PyTorch/ONNX parity, the
-int8 model's agreement with the float one, and registration as ``tagger``.
+:mod:`training.tagger.photos`, measured on the ONNX model that serving runs), the default minimum tag score
+calibrated on the same photos (:mod:`training.tagger.min_score`, stored in ``config.json``), PyTorch/ONNX
+parity, the int8 model's agreement with the float one, and registration as ``tagger``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,12 +24,13 @@ from PIL import Image
 from snap2caption.manifest import MANIFEST_NAME, write_manifest
 from snap2caption.models.onnx_export import require_tensorrt
 from snap2caption.models.tagger.artifact import save_tagger
-from snap2caption.models.tagger.config import INT8_ONNX_FILE, ONNX_FILE
+from snap2caption.models.tagger.config import INT8_ONNX_FILE, ONNX_FILE, write_config
 from snap2caption.models.tagger.export import export_int8, export_onnx, export_tensorrt
 from snap2caption.models.tagger.net import TaggerNet
 from snap2caption.models.tagger.runtime import Tagger
 from snap2caption.models.tagger.tags import Tag
 from snap2caption.registry import Registry
+from training.tagger.min_score import MinScoreCalibration, calibrate_min_score
 from training.tagger.photos import PHOTOS, extra_images
 
 logger = logging.getLogger(__name__)
@@ -82,7 +85,28 @@ def top5_agreement(reference: list[list[Tag]], other: list[list[Tag]]) -> tuple[
     return float(np.mean(same)), float(np.mean(overlap))
 
 
-def model_card(metrics: dict[str, float], photo_eval: PhotoEval, int8: bool) -> str:
+def min_score_text(calibration: MinScoreCalibration) -> str:
+    """The model card's section on the default minimum tag score."""
+    c = calibration
+    if not c.calibrated:
+        return f"Default minimum tag score: 0 ({c.method})."
+    precision = "n/a" if c.precision is None else f"{c.precision:.2f}"
+    recall = "n/a" if c.recall is None else f"{c.recall:.2f}"
+    return (
+        f"Default minimum tag score **{c.min_score:.4f}** (`config.json` `min_score`; the detector service "
+        f"returns no tag scored below it unless a request sets `min_score`). Calibrated as {c.method}.\n"
+        f"On those photos: {c.kept_tags} of {c.candidate_tags} tags kept, precision {precision} "
+        f"({c.kept_right} right), recall {recall} of the {c.right_tags} right tags among the top "
+        f"{c.top_k}; {c.photos_top1_right_kept} of {c.photos} photos keep their right top-1 tag.\n"
+        f"It does not recognise images outside ImageNet's classes: on {c.scenes} synthetic shapes scenes, "
+        f"where no class is right, {c.scenes_with_tags:.0%} still get at least one tag "
+        f"({c.scene_tags_mean:.2f} per scene; highest score {c.scene_max_score:.2f})."
+    )
+
+
+def model_card(
+    metrics: dict[str, float], photo_eval: PhotoEval, int8: bool, calibration: MinScoreCalibration
+) -> str:
     """The artifact's ``README.md``."""
     rows = "\n".join(
         f"| {p['photo']} | {p['subject']} | {p['top1_label']} ({p['top1_score']:.2f}) | "
@@ -122,6 +146,10 @@ ONNX vs PyTorch: same ordered top-5 tags on {metrics["onnx_top5_same"]:.0%} of
 {int(metrics["agreement_images"])} photos; max |logit difference| {metrics["onnx_max_abs_logit_diff"]:.2e}.
 
 {int8_text}
+
+## Minimum tag score
+
+{min_score_text(calibration)}
 
 ## Files
 `model.safetensors` + `config.json` (PyTorch: `tagger.load(folder, runtime="torch")`), `model.onnx`
@@ -174,6 +202,13 @@ def package_tagger(
         "onnx_max_abs_logit_diff": logit_diff,
         "agreement_images": float(len(photos)),
     }
+    # The default minimum tag score, calibrated on what serving runs, into config.json.
+    calibration = calibrate_min_score(onnx_tagger.tag)
+    config = dataclasses.replace(config, min_score=calibration.min_score)
+    write_config(config, out)
+    metrics["min_score"] = calibration.min_score
+    if calibration.precision is not None:
+        metrics["min_score_precision"] = calibration.precision
     if int8:
         export_int8(out, [torch_tagger.preprocess.batch(photos[i : i + 4]) for i in range(0, len(photos), 4)])
         int8_tagger = Tagger.from_onnx(out / INT8_ONNX_FILE, config, threads=threads)
@@ -190,9 +225,10 @@ def package_tagger(
         "onnx": onnx_eval.predictions,
         "torch": torch_eval.predictions,
         "metrics": metrics,
+        "min_score": calibration.to_dict(),
     }
     (out / EVAL_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
-    (out / CARD_FILE).write_text(model_card(metrics, onnx_eval, int8))
+    (out / CARD_FILE).write_text(model_card(metrics, onnx_eval, int8, calibration))
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     write_manifest(out)
     logger.info("tagger artifact %s: %s", out, {k: round(v, 4) for k, v in metrics.items()})

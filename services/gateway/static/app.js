@@ -308,7 +308,9 @@
     const caption = result.caption || null;
     const alt = result.alt_text || null;
 
-    els.preview.alt = (alt && alt.text) || (caption && caption.text) || "Analysed image";
+    // A caption of an image outside the captioner's training domain is never used as alt text.
+    const trusted = caption && caption.in_domain !== false ? caption.text : "";
+    els.preview.alt = (alt && alt.text) || trusted || "Analysed image";
     els.preview.src = previewSrc;
     const info = result.image || {};
     els.imageInfo.textContent =
@@ -317,7 +319,8 @@
 
     els.caption.textContent = caption ? caption.text : missing(result, "caption");
     els.captionConfidence.textContent =
-      caption && typeof caption.confidence === "number" ? "Confidence " + percent(caption.confidence) : "";
+      (caption && typeof caption.confidence === "number" ? "Confidence " + percent(caption.confidence) : "") +
+      (caption && caption.note ? " — " + caption.note : "");
     els.altText.textContent = alt
       ? alt.text + (alt.source ? " (from " + alt.source + ")" : "")
       : missing(result, "alt_text");

@@ -25,6 +25,7 @@ from torch import Tensor
 from snap2caption.errors import ArtifactError
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.manifest import MANIFEST_NAME, verify_manifest, write_manifest
+from snap2caption.models.caption.calibration import CALIBRATION_FILE, Calibration, write_calibration
 from snap2caption.models.caption.config import CaptionConfig
 from snap2caption.models.caption.files import (
     CONFIG_FILE,
@@ -36,6 +37,7 @@ from snap2caption.models.caption.files import (
 )
 from snap2caption.models.caption.model import CaptionModel
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
+from snap2caption.models.domain import DOMAIN_ARRAYS_FILE, DOMAIN_FILE
 from snap2caption.monitoring.reference import REFERENCE_FILE, DriftReference, read_reference, write_reference
 
 # GPT-2 ties its output projection to the token embedding: stored once, as the embedding.
@@ -49,6 +51,7 @@ def save_caption_model(
     directory: str | os.PathLike[str],
     extra: dict[str, Any] | None = None,
     drift_reference: DriftReference | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write a model, its tokenizer and resolved config as an artifact folder.
 
@@ -60,6 +63,7 @@ def save_caption_model(
         directory: Target folder, created if needed; files of the same names are replaced.
         extra: JSON-serialisable facts to keep with the model (data version, metrics, git commit).
         drift_reference: The training data's drift reference, written as ``reference_stats.json``.
+        calibration: The confidence calibration training fitted, written as ``calibration.json``.
 
     Returns:
         The folder.
@@ -88,6 +92,12 @@ def save_caption_model(
         write_reference(drift_reference, out)
     else:
         (out / REFERENCE_FILE).unlink(missing_ok=True)  # a replaced model must not keep another's reference
+    for name in (DOMAIN_FILE, DOMAIN_ARRAYS_FILE):  # nor its domain: training writes the new one after this
+        (out / name).unlink(missing_ok=True)
+    if calibration is not None:
+        write_calibration(calibration, out)
+    else:
+        (out / CALIBRATION_FILE).unlink(missing_ok=True)  # nor another model's calibration
     write_manifest(out)
     return out
 

@@ -70,12 +70,31 @@ class Caption:
             model's own distribution before any repetition/length control: in (-inf, 0], higher is surer;
             ``math.exp(confidence)`` is the geometric-mean token probability.
         n_tokens: ``len(token_ids)``.
+        in_domain: Whether the image is inside the model's training domain (its artifact's domain model,
+            :mod:`snap2caption.models.domain`); ``None`` when the artifact has none.
+        domain_score: The domain model's conformal p-value in ``(0, 1]``; ``None`` without one.
+        calibrated: The probability that the caption is right, from the artifact's ``calibration.json``
+            (:mod:`~snap2caption.models.caption.calibration`, applied by the runtimes); None for a model
+            without one.
     """
 
     text: str
     token_ids: list[int]
     confidence: float
     n_tokens: int
+    in_domain: bool | None = None
+    domain_score: float | None = None
+    calibrated: float | None = None
+
+    @property
+    def raw_probability(self) -> float:
+        """The geometric-mean token probability, ``exp(confidence)``, in [0, 1]."""
+        return math.exp(self.confidence)
+
+    @property
+    def probability(self) -> float:
+        """What is served as the caption's confidence: :attr:`calibrated`, else :attr:`raw_probability`."""
+        return self.raw_probability if self.calibrated is None else self.calibrated
 
 
 def until_eos(ids: list[int], eos: int) -> list[int]:

@@ -7,6 +7,9 @@ A caption artifact folder::
                              "tokenizer": special ids and size, "lora_merged", "extra"}
     tokenizer.json          the CaptionTokenizer
     reference_stats.json    optional: the drift reference (training images' statistics, caption confidence)
+    domain.json, domain.npz optional: the training domain in ``prefix.pooled`` space (``caption.domain``)
+    calibration.json        optional: the confidence calibration (``calibration.py``; without it the raw
+                            confidence is served)
     onnx/encoder.onnx       optional: pixels (B, 3, H, W) -> prefix (B, P, D)  (``export.py``)
     onnx/decoder.onnx       optional: one KV-cached GPT-2 step                  (``export.py``)
     onnx/decoder.int8.onnx  optional: the same step, dynamically quantized      (``export.py``)

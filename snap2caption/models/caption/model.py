@@ -315,6 +315,7 @@ class CaptionModel(nn.Module):
         pixels: Tensor | None = None,
         *,
         features: Tensor | None = None,
+        prefix: Tensor | None = None,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         length_penalty: float | None = None,
@@ -330,7 +331,9 @@ class CaptionModel(nn.Module):
 
         Args:
             pixels: (B, 3, H, W) preprocessed images, or
-            features: (B, C, h, w) precomputed encoder features.
+            features: (B, C, h, w) precomputed encoder features, or
+            prefix: (B, P, D) prefix embeddings :meth:`encode` computed (the torch runtime keeps them for
+                the domain check).
             max_new_tokens: Most tokens generated, EOS included.
             num_beams: 1 = greedy, more = beam search (the best beam is returned).
             length_penalty: Beam score exponent on the length.
@@ -363,7 +366,10 @@ class CaptionModel(nn.Module):
                 f"prefix + BOS + max_new_tokens = {needed} exceeds decoder.n_positions "
                 f"({self.config.decoder.n_positions})"
             )
-        prefix = self.encode(pixels, features=features)  # (B, P, D)
+        if prefix is None:
+            prefix = self.encode(pixels, features=features)  # (B, P, D)
+        elif pixels is not None or features is not None:
+            raise ValueError("pass exactly one of pixels, features or prefix")
         bos = torch.full((prefix.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long, device=prefix.device)
         prompt = torch.cat([prefix, self.embed_tokens(bos)], dim=1)  # (B, P + 1, D)
         if settings.num_beams == 1:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption.calibration import calibrate, read_calibration
 from snap2caption.models.caption.decoding import (
     Caption,
     DecodingConfig,
@@ -29,6 +30,7 @@ from snap2caption.models.caption.decoding import (
     generate_numpy,
     make_caption,
 )
+from snap2caption.models.caption.domain import read_domain, with_domain
 from snap2caption.models.caption.files import (
     DECODER_FILE,
     DECODER_INT8_FILE,
@@ -42,6 +44,8 @@ from snap2caption.models.caption.tokenizer import CaptionTokenizer
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from snap2caption.models.providers import OrtProviders
 
 _WTE_SUFFIX = "transformer.wte.weight"
 
@@ -57,14 +61,25 @@ class OrtCaptioner:
         folder: A caption artifact folder with an ONNX export (verify it first: ``verify_manifest``).
         threads: Intra-op threads per session.
         int8: Use the dynamically quantized decoder (``snap2caption export caption --int8``).
+        providers: ONNX Runtime execution providers of both sessions (default:
+            ``SNAP2CAPTION_ORT_PROVIDERS``, ``auto``; the decoder never on TensorRT); :attr:`providers`
+            says what each session got.
 
     Raises:
-        ArtifactError: No readable ``config.json`` of a caption artifact.
+        ArtifactError: No readable ``config.json`` of a caption artifact, a broken ``domain.json``, or
+            a malformed ``calibration.json``.
         ValueError: No ONNX export (or no int8 decoder when asked), or files that do not match
             ``config.json``.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
 
-    def __init__(self, folder: str | Path, threads: int = 1, int8: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int = 1,
+        int8: bool = False,
+        providers: OrtProviders | None = None,
+    ) -> None:
         from safetensors import safe_open
 
         folder = Path(folder)
@@ -72,6 +87,7 @@ class OrtCaptioner:
         model = info["model"]
         self.runtime = "onnx-int8" if int8 else "onnx"
         self.image_max_side = image_max_side(info)
+        self.calibration = read_calibration(folder)
         self.tokenizer = CaptionTokenizer.load(folder)
         if self.tokenizer.describe() != info["tokenizer"]:
             raise ValueError(f"{folder}: tokenizer {self.tokenizer.describe()} does not match config.json")
@@ -90,8 +106,12 @@ class OrtCaptioner:
             "vocab_size": int(self.wte.shape[0]),
             "crop": self.preprocess.crop,
         }
-        self.encoder, self.decoder = open_sessions(folder, self.sizes, threads=threads, int8=int8)
+        self.encoder, self.decoder = open_sessions(
+            folder, self.sizes, threads=threads, int8=int8, providers=providers
+        )
+        self.providers = {"encoder": self.encoder.get_providers(), "decoder": self.decoder.get_providers()}
         self.special = SpecialTokens(self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        self.domain = read_domain(folder)
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -117,7 +137,8 @@ class OrtCaptioner:
         bos = np.broadcast_to(self.wte[self.special.bos], (prefix.shape[0], 1, prefix.shape[2]))
         prompt = np.concatenate([prefix, bos], axis=1)  # (B, P + 1, D)
         results = generate_numpy(prompt, self, self.special, settings)
-        return [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+        captions = [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
+        return with_domain(calibrate(captions, self.calibration), prefix, self.domain)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(N,) token ids -> (N, 1, D) embeddings."""
@@ -146,21 +167,32 @@ class OrtCaptioner:
 
 
 def open_sessions(
-    folder: Path, sizes: dict[str, int], *, threads: int = 1, int8: bool = False
+    folder: Path,
+    sizes: dict[str, int],
+    *,
+    threads: int = 1,
+    int8: bool = False,
+    providers: OrtProviders | None = None,
 ) -> tuple[onnxruntime.InferenceSession, onnxruntime.InferenceSession]:
     """The encoder and decoder sessions of an artifact's ONNX export, checked against the model's sizes.
 
     Raises:
         ValueError: A file is missing (``int8``: the int8 decoder), or an export of another model.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
-    from snap2caption.models.onnx_io import cpu_session, session_metadata
+    from snap2caption.models.onnx_io import ort_session, session_metadata
 
     decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
     for name in (ENCODER_FILE, decoder_file):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} has no {name} (snap2caption export caption{' --int8' * int8})")
-    encoder = cpu_session(folder / ENCODER_FILE, threads=threads)
-    decoder = cpu_session(folder / decoder_file, threads=threads)
+    from snap2caption.models.providers import OrtProviders
+
+    providers = providers or OrtProviders.from_env()
+    encoder = ort_session(folder / ENCODER_FILE, threads=threads, providers=providers)
+    # Never TensorRT: the KV cache's length changes at every step (snap2caption.models.providers).
+    decoder_providers = dataclasses.replace(providers, tensorrt=False)
+    decoder = ort_session(folder / decoder_file, threads=threads, providers=decoder_providers)
     for session, part in ((encoder, "encoder"), (decoder, "decoder")):
         metadata = session_metadata(session)
         found = {k: json.loads(metadata[k]) for k in sizes if k in metadata}

@@ -20,12 +20,16 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from snap2caption.imaging.transforms import Preprocess
+from snap2caption.models.caption.calibration import Calibration, calibrate, read_calibration
 from snap2caption.models.caption.decoding import Caption, DecodingConfig
+from snap2caption.models.caption.domain import read_domain, with_domain
 from snap2caption.models.caption.files import REQUIRED_FILES, has_onnx
 from snap2caption.models.runtime import artifact_folder
 
 if TYPE_CHECKING:
     from snap2caption.models.caption.model import CaptionModel
+    from snap2caption.models.domain import DomainModel
+    from snap2caption.models.providers import OrtProviders
 
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
@@ -39,12 +43,21 @@ class Captioner(Protocol):
         decoding: The model's decoding defaults.
         max_new_tokens_limit: Most new tokens the model's positions (or its static cache) allow.
         image_max_side: Longest side of the images training read, when the artifact records it.
+        providers: ONNX Runtime's execution providers of each session (``encoder``, ``decoder``), best
+            first; empty on torch.
+        calibration: The artifact's confidence calibration (``calibration.json``), applied to every
+            caption's ``calibrated``; None for an artifact without one.
+        domain: The artifact's training domain (``domain.json``), or None for an artifact without one;
+            with it, every caption carries ``in_domain`` and ``domain_score``.
     """
 
     runtime: str
+    providers: dict[str, list[str]]
     preprocess: Preprocess
     decoding: DecodingConfig
     image_max_side: int | None
+    domain: DomainModel | None
+    calibration: Calibration | None
 
     @property
     def max_new_tokens_limit(self) -> int: ...
@@ -53,6 +66,9 @@ class Captioner(Protocol):
         self, pixels: np.ndarray, *, max_new_tokens: int | None = None, num_beams: int | None = None
     ) -> list[Caption]:
         """Caption (B, 3, H, W) float32 preprocessed images; arguments left None take :attr:`decoding`'s.
+        Each caption's ``calibrated`` is set when the artifact has a calibration.
+
+        Each caption carries the image's domain answer when the artifact has a domain model.
 
         Raises:
             ValueError: Settings out of range, or longer than :attr:`max_new_tokens_limit`.
@@ -89,6 +105,8 @@ class TorchCaptioner:
     Args:
         model: The model, in eval mode on its device.
         image_max_side: What the artifact records, if anything.
+        calibration: The artifact's confidence calibration, if any.
+        domain: The artifact's domain model, if any.
         static: Attach the static-cache decoder (``static.enabled``); the model's decoder is then cast to
             ``static.dtype`` in place.
     """
@@ -96,13 +114,21 @@ class TorchCaptioner:
     runtime = "torch"
 
     def __init__(
-        self, model: CaptionModel, image_max_side: int | None = None, static: StaticOptions | None = None
+        self,
+        model: CaptionModel,
+        image_max_side: int | None = None,
+        static: StaticOptions | None = None,
+        calibration: Calibration | None = None,
+        domain: DomainModel | None = None,
     ) -> None:
         self.model = model
+        self.providers: dict[str, list[str]] = {}  # no ONNX Runtime session
         self.device = next(model.parameters()).device
         self.preprocess = model.preprocess
         self.decoding = model.config.decoding
         self.image_max_side = image_max_side
+        self.domain = domain
+        self.calibration = calibration
         self.max_new_tokens_limit = model.config.decoder.n_positions - model.prefix_len - 1
         if static is not None and static.enabled:
             import torch
@@ -125,11 +151,13 @@ class TorchCaptioner:
         import torch
 
         with torch.inference_mode():
-            return self.model.generate(
-                torch.from_numpy(pixels).to(self.device),  # (B, 3, H, W)
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-            )
+            # The prefix is computed once: the decoder's prompt and the domain check's feature.
+            prefix = self.model.encode(torch.from_numpy(pixels).to(self.device))  # (B, P, D)
+            captions = self.model.generate(prefix=prefix, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            captions = calibrate(captions, self.calibration)
+            if self.domain is None:
+                return captions
+            return with_domain(captions, prefix.float().cpu().numpy(), self.domain)
 
 
 def load(
@@ -138,6 +166,7 @@ def load(
     *,
     threads: int = 1,
     static: StaticOptions | None = None,
+    providers: OrtProviders | None = None,
     verify: bool = True,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
@@ -152,13 +181,18 @@ def load(
         threads: Intra-op threads of the ONNX Runtime sessions; torch's pools are process-wide
             (``snap2caption.serving.configure_torch_threads``).
         static: The torch runtime's device and static decoder (default: CPU, plain decoding).
+        providers: The ONNX runtimes' execution providers (default: ``SNAP2CAPTION_ORT_PROVIDERS``,
+            ``auto``: TensorRT, CUDA, CPU among those installed).
         verify: Check every file against ``MANIFEST.json`` first.
         tracking_uri: MLflow tracking URI for registry references.
         cache_dir: Download cache for registry references.
 
     Raises:
         ValueError: An unknown runtime, or an artifact without what the runtime needs.
-        ArtifactError: Files that do not match the manifest, or not a caption artifact.
+        ArtifactError: Files that do not match the manifest, not a caption artifact, a broken domain
+            model (``domain.json``; an artifact without one loads with ``domain`` None), or a malformed
+            ``calibration.json``.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown caption runtime {runtime!r} ({', '.join(RUNTIMES)})")
@@ -173,7 +207,10 @@ def load(
 
         device = static.device if static else "cpu"
         model, _ = load_caption_model(folder, verify=False, device=device)
-        return TorchCaptioner(model, image_max_side(read_artifact_info(folder)), static)
+        info = read_artifact_info(folder)
+        return TorchCaptioner(
+            model, image_max_side(info), static, read_calibration(folder), domain=read_domain(folder)
+        )
     from snap2caption.models.caption.ort import OrtCaptioner
 
-    return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8")
+    return OrtCaptioner(folder, threads=threads, int8=runtime == "onnx-int8", providers=providers)

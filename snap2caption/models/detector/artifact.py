@@ -27,7 +27,8 @@ from snap2caption.models.detector.export import export_onnx
 def write_artifact(
     out_dir: str | Path, model: nn.Module, model_cfg: dict[str, Any], config: DetectorConfig
 ) -> Path:
-    """Write weights, model YAML, ``config.json`` and ``model.onnx`` (no manifest yet: the card comes later).
+    """Write weights, model YAML, ``config.json`` and ``model.onnx`` (with its ``features`` output; no
+    manifest yet: the domain model and the card come later).
 
     Args:
         out_dir: Target folder (created; files of the same names replaced).
@@ -42,14 +43,15 @@ def write_artifact(
     cfg = {**model_cfg, "nc": config.num_classes}
     (out / MODEL_YAML_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    export_onnx(yolo.inference_model(copy.deepcopy(model)), out / ONNX_FILE, config)
+    export_onnx(yolo.with_features(yolo.inference_model(copy.deepcopy(model))), out / ONNX_FILE, config)
     return out
 
 
 def load_torch_model(directory: str | Path) -> nn.Module:
-    """The Ultralytics network of an artifact folder, rebuilt from YAML + safetensors, ready for inference."""
+    """The Ultralytics network of an artifact folder, rebuilt from YAML + safetensors, ready for inference:
+    its forward returns ``(raw, features)`` (``yolo.with_features``)."""
     folder = Path(directory)
     cfg = yaml.safe_load((folder / MODEL_YAML_FILE).read_text())
     model = yolo.build_detection_model(cfg, nc=int(cfg["nc"]))
     yolo.load_state(model, load_file(str(folder / WEIGHTS_FILE)))
-    return yolo.inference_model(model)
+    return yolo.with_features(yolo.inference_model(model))

@@ -4,10 +4,15 @@ A detector artifact folder::
 
     model.safetensors   DetectionModel state dict (float32, unfused)
     model.yaml          the Ultralytics model definition (dict, ``nc`` and ``scale`` included)
-    model.onnx          images (B, 3, S, S) float32 -> output0 (B, 4 + nc, anchors); metadata_props hold
-                        the class names, input size, letterbox and normalisation (``DetectorConfig``)
+    model.onnx          images (B, 3, S, S) float32 -> output0 (B, 4 + nc, anchors) and features (B, C)
+                        (``FEATURE_NAME``; artifacts exported before it have output0 alone); metadata_props
+                        hold the class names, input size, letterbox and normalisation (``DetectorConfig``)
     model.int8.onnx     optional: the same graph, int8 (``snap2caption export detector --int8``)
     config.json         ``DetectorConfig`` plus ``extra`` (training config, metrics, data)
+    domain.json         optional: the training domain in ``FEATURE_NAME`` space
+    domain.npz          (``snap2caption.models.domain``), written by training; older artifacts have none
+    int8/domain.*       optional: the same, fitted on ``model.int8.onnx``'s own features (quantized
+                        activations shift them), written by ``snap2caption export detector --int8``
     README.md           model card
     MANIFEST.json       sha256 of every other file (``snap2caption.manifest``)
 
@@ -31,8 +36,15 @@ MODEL_YAML_FILE = "model.yaml"
 CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"
+INT8_DOMAIN_DIR = "int8"  # the int8 model's own domain model (its features differ from the float model's)
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
+FEATURES_OUTPUT_NAME = "features"
+# The detector's own image features: the global average pools of backbone layers 2 and 4 (strides 4 and 8),
+# concatenated, (B, C2 + C4); computed in the same forward pass as the boxes (``yolo.with_features``, which
+# says why these layers). The domain model is fitted on them.
+FEATURE_LAYERS = (2, 4)
+FEATURE_NAME = "backbone.layers2+4.pooled"
 REQUIRED_FILES = (CONFIG_FILE,)
 
 
@@ -107,6 +119,12 @@ class DetectorConfig:
                 "name": OUTPUT_NAME,
                 "shape": ["batch", 4 + self.num_classes, "anchors"],
                 "rows": "cx, cy, w, h (input pixels), then one sigmoid score per class; NMS not included",
+            },
+            "features": {
+                "name": FEATURES_OUTPUT_NAME,
+                "shape": ["batch", "channels"],
+                "feature": FEATURE_NAME,
+                "rows": "global average pools of backbone layers 2 and 4, concatenated (the domain's input)",
             },
             "letterbox": {
                 "resize": f"keep aspect, longer side = imgsz, PIL {self.resample}",

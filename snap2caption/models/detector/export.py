@@ -18,7 +18,9 @@ from torch import nn
 
 from snap2caption.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from snap2caption.models.detector.config import (
+    FEATURES_OUTPUT_NAME,
     INPUT_NAME,
+    INT8_DOMAIN_DIR,
     INT8_ONNX_FILE,
     MODEL_YAML_FILE,
     ONNX_FILE,
@@ -40,11 +42,17 @@ ENGINE_FILE = "model.engine"
 
 
 def export_onnx(net: nn.Module, path: str | Path, config: DetectorConfig) -> Path:
-    """ONNX export of a network made ready by ``yolo.inference_model`` (fused, raw ``(B, 4 + nc, anchors)``
-    output), dynamic batch, with the config's metadata."""
+    """ONNX export of a network made ready by ``yolo.inference_model`` and ``yolo.with_features`` (fused;
+    outputs ``output0`` raw ``(B, 4 + nc, anchors)`` and ``features`` ``(B, C)``), dynamic batch, with the
+    config's metadata."""
     example = torch.zeros(1, 3, config.imgsz, config.imgsz)
     return export_module(
-        net, path, example, input_name=INPUT_NAME, output_name=OUTPUT_NAME, metadata=config.onnx_metadata()
+        net,
+        path,
+        example,
+        input_name=INPUT_NAME,
+        output_name=[OUTPUT_NAME, FEATURES_OUTPUT_NAME],
+        metadata=config.onnx_metadata(),
     )
 
 
@@ -107,10 +115,12 @@ def reexport(
         raise ExportError("export into a new folder, not the artifact itself")
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns(MANIFEST_NAME, INT8_ONNX_FILE, ENGINE_FILE))
+    # An int8 model and its domain model are rebuilt from the new float export, or not at all.
+    ignore = shutil.ignore_patterns(MANIFEST_NAME, INT8_ONNX_FILE, INT8_DOMAIN_DIR, ENGINE_FILE)
+    shutil.copytree(src, out, ignore=ignore)
     config = read_config(out)
     (out / ONNX_FILE).unlink()
-    export_onnx(load_torch_model(out), out / ONNX_FILE, config)
+    export_onnx(load_torch_model(out), out / ONNX_FILE, config)  # an older artifact gains `features`
     if calibration is not None:
         export_int8(out, calibration)
     if fmt == "tensorrt":

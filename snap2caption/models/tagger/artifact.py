@@ -3,7 +3,6 @@ rebuild it in PyTorch from safetensors + JSON alone (no pickle, no download)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.backbones import build_encoder
-from snap2caption.models.tagger.config import CONFIG_FILE, WEIGHTS_FILE, read_config
+from snap2caption.models.tagger.config import WEIGHTS_FILE, read_config, write_config
 from snap2caption.models.tagger.net import TaggerNet
 
 
@@ -23,7 +22,7 @@ def save_tagger(net: TaggerNet, directory: str | os.PathLike[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in net.encoder.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(net.config().to_dict(), indent=2) + "\n")
+    write_config(net.config(), folder)
     return folder
 
 

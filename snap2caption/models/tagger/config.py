@@ -3,7 +3,8 @@
 A tagger artifact folder::
 
     model.safetensors  the encoder's state dict (``artifact.save_tagger``)
-    config.json        :class:`TaggerConfig`: backbone, class count, preprocessing, labels, readable names
+    config.json        :class:`TaggerConfig`: backbone, class count, preprocessing, labels, readable names,
+                       the default minimum tag score (calibrated by ``training.tagger``)
     model.onnx         pixels (B, 3, 224, 224) float32 -> logits (B, 1000); ``metadata_props`` carry the
                        format, backbone, class count, preprocessing and labels (``export.export_onnx``)
     model.int8.onnx    optional int8 variant (``export.export_int8``)
@@ -43,6 +44,10 @@ class TaggerConfig:
         labels: class labels in output order.
         names: readable word per class, in output order.
         format_version: bumped when the artifact layout changes.
+        min_score: the default minimum tag probability: tags scored below it are not returned unless a
+            caller asks for another minimum. Packaging calibrates it on labelled photos
+            (``training.tagger.package``, recorded in ``eval.json``); 0 (every tag) in an artifact
+            packaged before that, or when the photos could not calibrate it.
     """
 
     backbone: str
@@ -51,10 +56,15 @@ class TaggerConfig:
     labels: list[str]
     names: list[str]
     format_version: int = FORMAT_VERSION
+    min_score: float = 0.0
 
     def __post_init__(self) -> None:
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"tagger format_version {self.format_version} is not {FORMAT_VERSION}")
+        if isinstance(self.min_score, bool) or not isinstance(self.min_score, int | float):
+            raise ValueError(f"tagger min_score must be a number, got {self.min_score!r}")
+        if not 0.0 <= self.min_score < 1.0:
+            raise ValueError(f"tagger min_score must be in [0, 1), got {self.min_score}")
         if not len(self.labels) == len(self.names) == self.num_classes:
             raise ValueError(
                 f"tagger config: {len(self.labels)} labels and {len(self.names)} names "
@@ -86,3 +96,10 @@ def read_config(directory: str | os.PathLike[str]) -> TaggerConfig:
         ValueError: An invalid config.
     """
     return TaggerConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
+
+
+def write_config(config: TaggerConfig, directory: str | os.PathLike[str]) -> Path:
+    """Write ``config.json`` into an artifact folder (rewrite its manifest afterwards)."""
+    path = Path(directory) / CONFIG_FILE
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return path

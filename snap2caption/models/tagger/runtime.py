@@ -39,32 +39,48 @@ if TYPE_CHECKING:
     import onnxruntime
     import torch
 
+    from snap2caption.models.providers import OrtProviders
     from snap2caption.models.tagger.net import TaggerNet
 
 
 class Tagger:
     """Tags images with classifier classes, their readable names and hashtags, on one runtime.
 
+    ``min_score`` is the artifact's calibrated default minimum tag probability (``config.json``), which the
+    services apply unless a request asks for another; :meth:`tag` and :meth:`from_logits` take theirs
+    explicitly.
+
     Args:
         config: The artifact's classes and preprocessing.
         forward: ``(B, 3, H, W)`` float32 pixels -> ``(B, num_classes)`` float32 logits.
         runtime: ``onnx`` or ``torch``, for status and reports.
+        providers: ONNX Runtime's execution providers of the session (``{"model": [...]}``), best first;
+            empty on torch.
     """
 
     def __init__(
-        self, config: TaggerConfig, forward: Callable[[np.ndarray], np.ndarray], runtime: str
+        self,
+        config: TaggerConfig,
+        forward: Callable[[np.ndarray], np.ndarray],
+        runtime: str,
+        providers: dict[str, list[str]] | None = None,
     ) -> None:
         self.config = config
         self.forward = forward
         self.runtime = runtime
+        self.providers = providers or {}
+        self.min_score = config.min_score
         self.labels = list(config.labels)
         self.names = list(config.names)
         self.hashtags = [hashtag(name) for name in self.names]
         self.preprocess = Preprocess.from_dict(config.preprocess)
 
     @classmethod
-    def from_net(cls, net: TaggerNet, device: str | torch.device = "cpu") -> Tagger:
-        """The ``torch`` runtime on an in-memory network (moved to ``device``, eval mode)."""
+    def from_net(
+        cls, net: TaggerNet, device: str | torch.device = "cpu", config: TaggerConfig | None = None
+    ) -> Tagger:
+        """The ``torch`` runtime on an in-memory network (moved to ``device``, eval mode); ``config``: the
+        artifact's, when the network was loaded from one (default: the network's own, ``min_score`` 0)."""
         import torch
 
         net = net.to(device).eval()
@@ -73,7 +89,7 @@ class Tagger:
             with torch.inference_mode():
                 return net(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
 
-        return cls(net.config(), run, "torch")
+        return cls(config or net.config(), run, "torch")
 
     @classmethod
     def from_onnx(
@@ -83,15 +99,18 @@ class Tagger:
         *,
         threads: int = 1,
         session_options: onnxruntime.SessionOptions | None = None,
+        providers: OrtProviders | None = None,
     ) -> Tagger:
-        """The ``onnx`` runtime on one ONNX file, whose metadata must match ``config``.
+        """The ``onnx`` runtime on one ONNX file, whose metadata must match ``config``; ``providers``: see
+        :func:`~snap2caption.models.onnx_io.ort_session`.
 
         Raises:
             ValueError: Not a tagger ONNX file, or one exported with other classes or preprocessing.
+            ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
         """
-        from snap2caption.models.onnx_io import cpu_session, session_metadata
+        from snap2caption.models.onnx_io import ort_session, session_metadata
 
-        session = cpu_session(path, threads=threads, options=session_options)
+        session = ort_session(path, threads=threads, options=session_options, providers=providers)
         metadata = session_metadata(session)
         if metadata.get("snap2caption.format") != ONNX_FORMAT:
             raise ValueError(f"ONNX file is not a {ONNX_FORMAT} (metadata {sorted(metadata)})")
@@ -106,7 +125,7 @@ class Tagger:
         def run(pixels: np.ndarray) -> np.ndarray:
             return np.asarray(session.run(None, {input_name: pixels})[0], dtype=np.float32)
 
-        return cls(config, run, "onnx")
+        return cls(config, run, "onnx", {"model": session.get_providers()})
 
     @property
     def num_classes(self) -> int:
@@ -155,6 +174,7 @@ def load(
     threads: int = 1,
     device: str = "cpu",
     session_options: onnxruntime.SessionOptions | None = None,
+    providers: OrtProviders | None = None,
     verify: bool = True,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
@@ -168,6 +188,7 @@ def load(
         threads: ONNX Runtime intra-op threads (torch uses the process's own setting).
         device: Torch device of the ``torch`` runtime.
         session_options: ONNX Runtime options to use as they are (a service's own).
+        providers: ONNX Runtime execution providers (default: ``SNAP2CAPTION_ORT_PROVIDERS``, ``auto``).
         verify: Check every file against ``MANIFEST.json`` first.
         tracking_uri: MLflow tracking URI for registry references.
         cache_dir: Download cache for registry references.
@@ -176,6 +197,7 @@ def load(
         ArtifactIntegrityError: ``verify`` and the files do not match the manifest.
         FileNotFoundError: A needed file is missing.
         ValueError: An invalid config, an ONNX file that does not match it, or ``int8`` on ``torch``.
+        ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
     folder = artifact_folder(
         source, REQUIRED_FILES, verify=verify, tracking_uri=tracking_uri, cache_dir=cache_dir
@@ -183,8 +205,12 @@ def load(
     if resolve_runtime(runtime, folder, ONNX_FILE, int8=int8) == "onnx":
         onnx_file = folder / (INT8_ONNX_FILE if int8 else ONNX_FILE)
         return Tagger.from_onnx(
-            onnx_file, read_config(folder), threads=threads, session_options=session_options
+            onnx_file,
+            read_config(folder),
+            threads=threads,
+            session_options=session_options,
+            providers=providers,
         )
     from snap2caption.models.tagger.artifact import load_net
 
-    return Tagger.from_net(load_net(folder), device)
+    return Tagger.from_net(load_net(folder), device, read_config(folder))

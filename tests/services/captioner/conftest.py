@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from snap2caption.imaging import decode_image
+from snap2caption.manifest import write_manifest
 from snap2caption.models.caption.artifact import save_caption_model
 from snap2caption.models.caption.config import CaptionConfig
 from snap2caption.models.caption.model import CaptionModel, build_caption_model
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
+from snap2caption.models.domain import DomainModel
 from snap2caption.registry import Registry
 from tests.helpers import COLOURS, ServiceProcess, image_bytes, torch_threads
 
@@ -68,8 +70,16 @@ class Deployment:
     _cider: float = 1.0
     _expected: dict[tuple[int, str], str] = field(default_factory=dict)
 
-    def register(self, model: CaptionModel, tokenizer: CaptionTokenizer, *, promote: bool = True) -> int:
-        """Save, register (with a better gate metric than any before) and, by default, promote."""
+    def register(
+        self,
+        model: CaptionModel,
+        tokenizer: CaptionTokenizer,
+        *,
+        promote: bool = True,
+        domain: DomainModel | None = None,
+    ) -> int:
+        """Save (with ``domain`` as its domain model, if given), register (with a better gate metric than
+        any before) and, by default, promote."""
         self._cider += 0.5
         folder = save_caption_model(
             model,
@@ -77,6 +87,9 @@ class Deployment:
             self.workdir / f"artifact-{self._cider}",
             extra={"image_max_side": IMAGE_MAX_SIDE},
         )
+        if domain is not None:
+            domain.save(folder)
+            write_manifest(folder)
         version = self.registry.register(MODEL, folder, metrics={"test_cider_d": self._cider}).version
         self.models[version] = model
         if promote:

@@ -45,6 +45,7 @@ def test_one_image_as_the_raw_body(deployment: Deployment) -> None:
     assert result["caption"] == deployment.expected(model["version"], "red")
     assert result["index"] == 0 and result["filename"] is None
     assert 0 < result["confidence"] <= 1 and result["tokens"] >= 1
+    assert result["raw_confidence"] == result["confidence"]  # an artifact without a calibration
     assert body["options"] == {"max_new_tokens": 24, "num_beams": 1}  # the model's defaults
     assert set(body["timings"]) == {"decode_ms", "queue_ms", "inference_ms", "total_ms"}
     assert body["timings"]["total_ms"] >= body["timings"]["inference_ms"] > 0
@@ -150,7 +151,9 @@ def test_readiness_and_metrics_describe_the_model(deployment: Deployment) -> Non
     version = checks["version"]
     assert checks["model"] == "captioner" and checks["alias"] == "production"
     assert checks["backend"] == "auto" and checks["runtime"] == "torch"  # no ONNX export in this artifact
+    assert checks["providers"] == {}  # torch: no ONNX Runtime session
     assert isinstance(version, int) and checks["loaded_at"]
+    assert checks["calibrated"] is False  # no calibration.json: confidence is the raw one
     assert deployment.metric("snap2caption_model_info", model="captioner", version=str(version)) == 1
     caption(deployment, image_bytes("green"))
     for name in ("snap2caption_queue_seconds_count", "snap2caption_inference_seconds_count"):

@@ -6,7 +6,9 @@ test encoder with a six-class head and ImageNet labels, packaged as the real tag
 (``training.tagger.package.package_tagger``: safetensors, ONNX, card, manifest). Neither says anything
 true about an image; what the tests check is that the service gives exactly what a direct ``Detector`` /
 ``Tagger`` call (``detector.load`` / ``tagger.load``, same runtime) gives on the same decoded image, for
-every client, under load.
+every client, under load. Neither detector artifact the processes serve has a domain model (as older
+artifacts): a copy with one, fitted on synthetic scenes, is registered as ``detector-domain`` for the
+in-process domain tests (``test_domain.py``).
 
 Two processes, started side by side:
 
@@ -46,6 +48,7 @@ CLASS_NAMES = ["circle", "square", "star"]
 TAG_LABELS = ["tabby, tabby cat", "tiger cat", "Great Dane", "espresso", "cup", "coffee mug"]
 TAG_NAMES = ["cat", "cat", "dog", "espresso", "cup", "mug"]
 IMGSZ = 64
+DOMAIN_DETECTOR = "detector-domain"
 # Service vs direct call, both ONNX Runtime on the CPU: a batch of several images may round differently
 # from a batch of one, so compare with tolerances far below anything a mix-up would produce.
 SCORE_ATOL, BOX_ATOL = 1e-4, 1e-2
@@ -97,6 +100,47 @@ def tiny_tagger(folder: Path) -> tuple[Path, dict[str, float]]:
     torch.manual_seed(0)
     net = TaggerNet(build_encoder("tiny", num_classes=len(TAG_LABELS)), TAG_LABELS, TAG_NAMES)
     return package_tagger(folder, net)
+
+
+def synthetic_scenes(count: int, seed: int) -> list[bytes]:
+    """Synthetic-shapes scenes (what the project's detectors are trained on), 64 px JPEG, as the ETL
+    stores them."""
+    from snap2caption.data.synth.render import render_scene
+    from snap2caption.data.synth.scene import SynthConfig, generate_scene
+
+    config = SynthConfig(images=count, seed=seed, image_size=64)
+    out = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        buffer = io.BytesIO()
+        render_scene(generate_scene(rng, config), rng).save(buffer, "JPEG", quality=config.jpeg_quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def photo_bytes(image: Image.Image) -> bytes:
+    """A real photo as PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def with_domain(detector: Path, folder: Path) -> Path:
+    """A copy of a detector artifact with a training domain: fitted on 200 synthetic scenes, calibrated on
+    200 others, by the code training uses (``training.detector.domain``)."""
+    from snap2caption.models.detector.config import FEATURE_NAME
+    from snap2caption.models.domain import fit_domain
+    from training.detector.domain import image_features
+
+    shutil.copytree(detector, folder)
+    model = detector_model.load(folder, "onnx", verify=False)
+    fit, calibration = (
+        image_features(model, [decode_image(data).image for data in synthetic_scenes(200, seed)])
+        for seed in (21, 22)
+    )
+    fit_domain(fit, calibration, feature=FEATURE_NAME).save(folder)
+    write_manifest(folder)
+    return folder
 
 
 @dataclass
@@ -188,6 +232,7 @@ class Artifacts:
     tagger: Path
     uri: str
     workdir: Path
+    domain_detector: Path  # registered as DOMAIN_DETECTOR: the random detector with a training domain
 
 
 @pytest.fixture(scope="session")
@@ -202,11 +247,13 @@ def artifacts(
     registry = Registry(uri)
     detector = random_detector(workdir / "detector-artifact")
     tagger, metrics = tiny_tagger(workdir / "tagger-artifact")
+    domain_detector = with_domain(detector, workdir / "domain-detector-artifact")
     registry.register("detector", detector, metrics={"test_map50_95": 0.5})
     registry.register("tagger", tagger, metrics=metrics)
-    for name in ("detector", "tagger"):
+    registry.register(DOMAIN_DETECTOR, domain_detector, metrics={"test_map50_95": 0.5})
+    for name in ("detector", "tagger", DOMAIN_DETECTOR):
         assert registry.promote(name).status == "promoted"
-    return Artifacts(detector, tagger, uri, workdir)
+    return Artifacts(detector, tagger, uri, workdir, domain_detector)
 
 
 def _env(artifacts: Artifacts, name: str, **settings: str) -> dict[str, str]:

@@ -37,10 +37,12 @@ def test_detect_one_image_as_the_raw_body(deployment: Deployment) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == {"name": "detector", "version": 1, "alias": "production", "backend": "onnx"}
-    assert body["options"] == {"conf": 0.25, "iou": 0.45, "max_det": 100}
+    assert body["options"] == {"conf": 0.25, "iou": 0.45, "max_det": 100, "include_out_of_domain": False}
     [result] = body["results"]
     assert result["index"] == 0 and result["filename"] is None
     assert result["image"] == {"width": 80, "height": 48}
+    # An artifact without a domain model (as older ones): nothing said, nothing withheld.
+    assert (result["in_domain"], result["domain_score"], result["withheld"]) == (None, None, 0)
     assert len(result["objects"]) > 3  # the random detector finds plenty
     assert_same_objects(result["objects"], deployment.expected_objects(data))
     scores = [o["score"] for o in result["objects"]]
@@ -81,7 +83,7 @@ def test_several_images_as_multipart_come_back_in_order(deployment: Deployment) 
     response = deployment.post("/v1/detect", files=files, params=params)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["options"] == {"conf": 0.3, "iou": 0.5, "max_det": 5}
+    assert body["options"] == {"conf": 0.3, "iou": 0.5, "max_det": 5, "include_out_of_domain": False}
     assert [r["filename"] for r in body["results"]] == [f"{i}.img" for i in range(4)] + ["last.png"]
     assert [r["index"] for r in body["results"]] == list(range(5))
     for result, data in zip(body["results"], [*images, images[0]], strict=True):
@@ -198,10 +200,15 @@ def test_readiness_and_metrics_describe_both_models(deployment: Deployment) -> N
         model = checks[name]
         assert (model["model"], model["alias"], model["version"]) == (name, "production", 1)
         assert (model["backend"], model["runtime"]) == ("auto", "onnx")
+        assert model["providers"] == {"model": ["CPUExecutionProvider"]}  # auto, on a CPU-only machine
         assert model["loaded_at"] and model["last_load_error"] is None
         assert deployment.metric("snap2caption_model_info", model=name, version="1") == 1
+        runtime = {"model": name, "version": "1", "runtime": "onnx", "session": "model"}
+        cpu = {"provider": "CPUExecutionProvider", "providers": "CPUExecutionProvider"}
+        assert deployment.metric("snap2caption_model_runtime_info", **runtime, **cpu) == 1
         assert deployment.metric("snap2caption_queue_depth", model=name) == 0
         assert (deployment.metric("snap2caption_inference_seconds_count", model=name) or 0) > 0
+    assert checks["detector"]["domain"] is None  # this artifact has no domain model
 
 
 def test_torch_backend_gives_the_same_results(tight: Deployment) -> None:
@@ -215,6 +222,8 @@ def test_torch_backend_gives_the_same_results(tight: Deployment) -> None:
     assert tags.json()["model"]["backend"] == "torch"
     assert_same_tags(tags.json()["results"][0]["tags"], tight.expected_tags(data))
     assert {m["runtime"] for m in tight.ready().values()} == {"torch"}
+    assert [m["providers"] for m in tight.ready().values()] == [{}, {}]  # no ONNX Runtime session
+    assert tight.metric("snap2caption_model_runtime_info", model="detector", runtime="torch", session="") == 1
 
 
 def test_a_full_queue_answers_503_with_retry_after(tight: Deployment) -> None:

@@ -16,6 +16,7 @@ def etl_env(root: Path, db: Path, **settings: object) -> dict[str, str]:
         "SNAP2CAPTION_ETL_DB_URL": f"sqlite:///{db}",
         "SNAP2CAPTION_ETL_JOB_WORKERS": "1",
         "SNAP2CAPTION_ETL_PROGRESS_INTERVAL_S": "0.1",
+        "SNAP2CAPTION_LOG_LEVEL": "INFO",  # the restart test reads uvicorn's INFO lines in the log
     }
     env.update({f"SNAP2CAPTION_ETL_{key.upper()}": str(value) for key, value in settings.items()})
     return env

@@ -42,7 +42,11 @@ def postgres_server() -> Iterator[str]:
             owner = pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and there is no `postgres` user to run the server as")
-        run_as = ["runuser", "-u", "postgres", "--"]
+        # util-linux's runuser is in /usr/sbin, which a non-login shell's PATH may leave out
+        runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+        if runuser is None:
+            pytest.skip("running as root and runuser (util-linux) is not installed")
+        run_as = [runuser, "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="s2c-pg-"))  # not under pytest's root-only tmp folders
     if owner is not None:
         os.chown(root, owner.pw_uid, owner.pw_gid)

@@ -27,18 +27,18 @@ TAGS_ANSWER = {
 
 @asynccontextmanager
 async def loopback_server(
-    behaviours: list[str], targets: list[str] | None = None
-) -> AsyncIterator[tuple[str, list[str]]]:
+    behaviours: list[str | dict[str, Any]], targets: list[str] | None = None
+) -> AsyncIterator[tuple[str, list[str | dict[str, Any]]]]:
     """A real TCP server on loopback; connection ``i`` behaves as ``behaviours[i]`` (the last repeats):
 
     ``close`` reads the request and hangs up without answering; ``ok`` answers 200 JSON; ``hang`` never
     answers; ``500`` answers ``internal_error``; ``503`` answers ``overloaded`` with Retry-After 3;
     ``415`` answers ``unsupported_format``; ``tags-only`` answers as the detector's ``/v1/analyze`` with
-    its ``tags`` object alone.
+    its ``tags`` object alone; a dict is answered as it is, 200 JSON (a scripted model answer).
     Yields the base URL and the log of behaviours used, one per connection; ``targets``, when given,
     receives each request's target (path and query).
     """
-    used: list[str] = []
+    used: list[str | dict[str, Any]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         behaviour = behaviours[min(len(used), len(behaviours) - 1)]
@@ -55,7 +55,9 @@ async def loopback_server(
             0,
         )
         await reader.readexactly(length)
-        if behaviour == "ok":
+        if isinstance(behaviour, dict):
+            writer.write(_http_response(200, behaviour))
+        elif behaviour == "ok":
             writer.write(_http_response(200, OK_BODY))
         elif behaviour == "tags-only":
             writer.write(_http_response(200, {"tags": TAGS_ANSWER}))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.gateway.alt_text import gender_neutral
 from services.gateway.images import normalise_image
+from snap2caption.alt_text import gender_neutral
 from snap2caption.imaging import DecodeLimits, decode_image, resize_max_side
 from tests.gateway_stack import (
     BACKEND_MAX_SIDE,
@@ -90,7 +90,16 @@ def test_analyze_relays_every_backend_answer_with_boxes_in_the_original_frame(st
     sent = normalise_image(data, LIMITS, BACKEND_MAX_SIDE, "jpeg")
     assert (sent.sent_width, sent.sent_height) == (256, 171)
     caption = direct(stack.captioner.url, "/v1/caption", sent.data, sent.content_type)
-    assert body["caption"] == {"text": caption["caption"], "confidence": pytest.approx(caption["confidence"])}
+    assert body["caption"] == {
+        "text": caption["caption"],
+        "confidence": pytest.approx(caption["confidence"]),
+        # The stack's tiny captioner has no domain description: null, and trusted as in domain.
+        "in_domain": None,
+        "domain_score": None,
+        "used_for_alt_text": body["alt_text"]["source"] == "caption",
+        "note": body["caption"]["note"],
+    }
+    assert caption["in_domain"] is None and caption["domain_score"] is None
     tags = direct(stack.detector.url, "/v1/tags", sent.data, sent.content_type, top_k=5)
     assert body["tags"] == [
         {"name": t["name"], "score": pytest.approx(t["score"], abs=1e-6), "hashtag": t["hashtag"]}
@@ -119,8 +128,9 @@ def test_captions_and_alt_text_come_from_the_captioner(stack: Stack, colour: str
     body = response.json()
     text = CAPTIONS[list(COLOURS).index(colour)]
     assert body["caption"]["text"] == text
-    assert body["caption"]["confidence"] > 0.35  # over the alt-text threshold: alt text is the caption
+    assert body["caption"]["confidence"] >= 0.5  # over the alt-text threshold: alt text is the caption
     assert body["alt_text"] == {"text": text[0].upper() + text[1:] + ".", "source": "caption"}
+    assert body["caption"]["used_for_alt_text"] is True and body["caption"]["note"] is None
 
 
 def test_features_max_tags_and_min_confidence(stack: Stack) -> None:

@@ -196,3 +196,26 @@ def test_client_connection_refused_is_backend_unavailable() -> None:
 
     failure = asyncio.run(run())
     assert isinstance(failure, BackendFailed) and failure.code == "backend_unavailable"
+
+
+# ------------------------------------------------------------------------------------------ readiness
+
+
+def test_a_backend_that_stops_being_ready_serves_no_version_any_more() -> None:
+    # A canary share goes only to a service whose last /readyz said it serves the release's version. A
+    # process restarted on the same port (still loading, or gone) must not inherit what the last one said.
+    ready = {"status": "ready", "checks": {"model": {"name": "captioner", "alias": "canary", "version": 2}}}
+
+    async def run() -> list[frozenset[int]]:
+        seen = []
+        async with loopback_server([ready, "503", ready]) as (url, _):
+            client = BackendClient("captioner", url, unit_settings())
+            for _ in range(3):
+                await client.poll_ready()
+                seen.append(client.health.versions)
+            client.forget_health()
+            seen.append(client.health.versions)
+            await client.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [frozenset({2}), frozenset(), frozenset({2}), frozenset()]

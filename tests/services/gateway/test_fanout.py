@@ -44,6 +44,9 @@ def test_readyz_reports_each_backend(stack: Stack) -> None:
         assert checks[name]["url"] == service.url
         assert checks[name]["circuit"] == "closed"
         assert checks[name]["last_ok_age_s"] < 10
+    # The stack's tiny captioner carries no domain description: the gateway says so (its answers then
+    # have in_domain null and count as in domain).
+    assert checks["captioner"]["domain_models"] == {"captioner": False}
 
 
 def test_fifty_concurrent_clients_get_no_5xx_and_no_mix_ups(stack: Stack) -> None:

@@ -240,7 +240,11 @@ def test_upload_shows_boxes_caption_alt_text_tags_and_takes_feedback(stack: Stac
     assert shown["imgAlt"] == expected.alt_text.text
     assert shown["altText"].startswith(expected.alt_text.text)
     assert shown["tags"] == [tag.hashtag for tag in expected.tags]
-    assert page.text_content("#caption-confidence") == f"Confidence {expected.caption.confidence * 100:.1f}%"
+    note = f" — {expected.caption.note}" if expected.caption.note else ""  # why it is not the alt text
+    assert (
+        page.text_content("#caption-confidence")
+        == f"Confidence {expected.caption.confidence * 100:.1f}%{note}"
+    )
     timings = page.eval_on_selector_all("#timings dt", "els => els.map((el) => el.textContent)")
     assert timings == [k for k, v in expected.raw["timings"].items() if v is not None]  # fetch_ms: null
     assert "total_ms" in timings

@@ -92,3 +92,27 @@ def test_offline_and_online_resolutions_agree() -> None:
     assert (offline.width, offline.height) == (online.width, online.height) == (2000, 1500)
     assert offline.brightness == pytest.approx(online.brightness, rel=0.01)
     assert offline.colourfulness == pytest.approx(online.colourfulness, rel=0.02)
+
+
+def test_statistics_are_exact_so_every_machine_gets_the_same_bits() -> None:
+    # The ETL's drift reference is a DVC output hashed in dvc.lock: brightness and colourfulness must not
+    # depend on BLAS kernels or SIMD widths. They equal the exactly rounded rational values.
+    from fractions import Fraction
+
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, size=(THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), dtype=np.uint8))
+    stats = image_stats(image, width=THUMBNAIL_SIDE, height=THUMBNAIL_SIDE, fmt="png")
+    pixels = np.asarray(thumbnail(image), dtype=np.int64).reshape(-1, 3).tolist()
+    n = len(pixels)
+    exact = sum(Fraction(299 * r + 587 * g + 114 * b, 1000) for r, g, b in pixels) / n
+    assert stats.brightness == float(exact)
+
+    def mean_std(values: list[int]) -> tuple[float, float]:
+        mean = Fraction(sum(values), n)
+        variance = sum((Fraction(v) - mean) ** 2 for v in values) / n
+        return float(mean), math.sqrt(float(variance))
+
+    rg_mean, rg_std = mean_std([r - g for r, g, _ in pixels])
+    yb_mean, yb_std = mean_std([r + g - 2 * b for r, g, b in pixels])
+    expected = math.hypot(rg_std, yb_std / 2) + 0.3 * math.hypot(rg_mean, yb_mean / 2)
+    assert stats.colourfulness == pytest.approx(expected, rel=1e-12)

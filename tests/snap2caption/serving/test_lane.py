@@ -4,8 +4,10 @@ another model's input spec are prepared again (the redo-after-swap rule every mo
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client import REGISTRY
 
 from snap2caption.serving import LoadedModel
 from snap2caption.serving.lane import ModelLane
@@ -19,6 +21,7 @@ class Model:
 
     version: int
     runtime: str = "numpy"
+    providers: dict[str, list[str]] = field(default_factory=lambda: {"model": ["FakeProvider", "Fallback"]})
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,11 @@ def test_items_made_for_a_swapped_out_model_are_prepared_again(tmp_path: Path) -
     ]
     status = lane.status()
     assert (status["backend"], status["runtime"], status["version"]) == ("auto", "numpy", 3)
+    assert status["providers"] == {"model": ["FakeProvider", "Fallback"]}
+
+    def runtime_info(version: int) -> float | None:
+        labels = {"model": "lane-redo", "version": str(version), "runtime": "numpy", "session": "model"}
+        labels |= {"provider": "FakeProvider", "providers": "FakeProvider,Fallback"}
+        return REGISTRY.get_sample_value("snap2caption_model_runtime_info", labels)
+
+    assert (runtime_info(2), runtime_info(3)) == (0.0, 1.0)  # only the version serving now

@@ -15,7 +15,7 @@ from snap2caption.models.caption.artifact import save_caption_model
 from snap2caption.models.caption.model import build_caption_model
 from tests.training.caption.conftest import tiny
 from training.caption.data import SplitData
-from training.caption.evaluate import evaluate_split, named_pairs, named_shapes, pair_scores
+from training.caption.evaluate import evaluate_split, named_pairs, named_shapes, pair_scores, pairs_right
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -44,6 +44,10 @@ def test_pair_scores_count_right_and_wrong_objects() -> None:
     assert scores["pair_recall"] == pytest.approx(2 / 3)
     assert scores["pair_exact"] == pytest.approx(1 / 2)
     assert scores["shape_precision"] == 1.0 and scores["shape_recall"] == 1.0
+    # One image at a time, as the confidence calibration marks captions right or wrong: pair_exact.
+    right = [pairs_right(references[i], predictions[i]) for i in ("1", "2")]
+    assert right == [False, True] and sum(right) / 2 == scores["pair_exact"]
+    assert pairs_right(references["1"], "two shapes: a blue square below a red circle")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from snap2caption.cli import main
 from snap2caption.manifest import verify_manifest
 from snap2caption.models.caption.artifact import load_caption_model
+from snap2caption.models.caption.calibration import read_calibration
 from snap2caption.registry import PRODUCTION, Registry
 from tests.training.caption.conftest import tiny_run
 from training.caption.data import SplitData
@@ -38,9 +39,10 @@ def test_train_register_promote_refuse_override_rollback(
     client = MlflowClient(registry.tracking_uri)
     run = client.get_run(good.run_id)
     assert run.data.params["train.max_steps"] == "200" and run.data.params["model.decoder.n_layer"] == "2"
-    assert {"train_loss", "train_lr", "train_images_per_s", "val_cider_d", "test_cider_d"} <= set(
-        run.data.metrics
-    )
+    assert {
+        "train_loss", "train_lr", "train_images_per_s", "val_cider_d", "test_cider_d",
+        "calibration_ece_before", "calibration_ece_after",
+    } <= set(run.data.metrics)  # fmt: skip
     assert len(client.get_metric_history(good.run_id, "train_loss")) == 200
     assert run.data.tags["git_commit"] == v1.tags["git_commit"] and run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(good.run_id)}
@@ -49,13 +51,23 @@ def test_train_register_promote_refuse_override_rollback(
     # The artifact: no pickle, every file in the manifest, a model card that says what the data was.
     files = sorted(p.name for p in good.artifact_dir.iterdir())
     assert files == [
-        "MANIFEST.json", "README.md", "config.json", "model.safetensors", "onnx", "reference_stats.json",
-        "tokenizer.json",
+        "MANIFEST.json", "README.md", "calibration.json", "config.json", "model.safetensors", "onnx",
+        "reference_stats.json", "tokenizer.json",
     ]  # fmt: skip
     assert sorted(p.name for p in (good.artifact_dir / "onnx").iterdir()) == [
         "decoder.int8.onnx", "decoder.onnx", "encoder.onnx",
     ]  # fmt: skip
     verify_manifest(good.artifact_dir)
+    # The confidence calibration: fitted on the validation split, its ECE measured on the test split.
+    calibration = read_calibration(good.artifact_dir)
+    assert calibration is not None and calibration.fit_split == "val" and calibration.eval_split == "test"
+    assert calibration.n_fit == len(SplitData.load(caption_data, "val")) and calibration.n_eval == len(
+        good.test.predictions
+    )
+    assert calibration.ece_before is not None and calibration.ece_after is not None
+    assert good.summary["calibration"]["ece_after"] == calibration.ece_after
+    assert run.data.metrics["calibration_ece_after"] == pytest.approx(calibration.ece_after)
+    assert "pair" in calibration.right
     card = (good.artifact_dir / "README.md").read_text()
     assert "Trained on the synthetic shapes benchmark" in card
     assert "## Intended use" in card and "## Limits" in card and "test_cider_d" not in card

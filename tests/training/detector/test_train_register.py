@@ -27,6 +27,7 @@ def test_artifact_is_complete_and_pickle_free(tiny_trained: Any, tiny_data: Path
     names = {p.name for p in folder.iterdir()}
     expected = {"model.safetensors", "model.yaml", "model.onnx", "config.json", "README.md", "eval.json"}
     expected.add("reference_stats.json")  # the ETL's drift reference of the training images
+    expected |= {"domain.json", "domain.npz"}  # the training domain (tests/training/detector/test_domain.py)
     assert names == expected | {"MANIFEST.json"}
     verify_manifest(folder)
     assert not [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]

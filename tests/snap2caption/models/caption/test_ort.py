@@ -7,15 +7,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
+from snap2caption.errors import ProviderUnavailable
+from snap2caption.models import onnx_io
 from snap2caption.models.caption.artifact import load_caption_model
 from snap2caption.models.caption.decoding import DecodingConfig
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.ort import OrtCaptioner
+from snap2caption.models.providers import OrtProviders
 from tests.snap2caption.models.caption.conftest import saved_tiny
 
 
@@ -64,6 +69,30 @@ def test_settings_are_checked_like_the_torch_model(artifact: Path) -> None:
         runtime.generate(pixels, max_new_tokens=runtime.max_new_tokens_limit + 1)
     with pytest.raises(ValueError, match="num_beams"):
         runtime.generate(pixels, num_beams=0)
+
+
+def test_both_sessions_report_their_execution_providers(
+    artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU here, chosen explicitly; a provider this machine lacks fails the load, never falls back; the
+    decoder is never offered TensorRT (its KV cache changes shape at every step)."""
+    asked: dict[str, OrtProviders] = {}
+    real = onnx_io.ort_session
+
+    def recording(path: Path, **kwargs: Any) -> Any:
+        asked[Path(path).name] = kwargs["providers"]
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(onnx_io, "ort_session", recording)
+    cpu = ["CPUExecutionProvider"]
+    assert OrtCaptioner(artifact, providers=OrtProviders("cpu")).providers == {"encoder": cpu, "decoder": cpu}
+    assert asked == {
+        "encoder.onnx": OrtProviders("cpu"),
+        "decoder.onnx": OrtProviders("cpu", tensorrt=False),
+    }
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider asked for"):
+            OrtCaptioner(artifact, providers=OrtProviders("cuda"))
 
 
 def test_int8_decoder_stays_close_to_float(artifact: Path) -> None:

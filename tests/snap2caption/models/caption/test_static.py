@@ -7,7 +7,6 @@ GPU and its tests are marked ``gpu`` (skipped here: no CUDA device in this envir
 from __future__ import annotations
 
 import copy
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,7 +17,7 @@ from snap2caption.models.caption.config import CaptionConfig
 from snap2caption.models.caption.model import CaptionModel
 from snap2caption.models.caption.static import StaticDecoder, StaticKVCache, default_buckets
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
-from tests.snap2caption.models.caption.conftest import ROOT, TARGETS, TINY
+from tests.snap2caption.models.caption.conftest import TARGETS, TINY
 
 # peft calls a transformers method that warns about its own deprecation (the LoRA case below).
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -258,23 +257,3 @@ def test_cuda_graphs_replay_the_eager_static_step(
         if dtype == torch.float32:  # and the fp32 graphs decode as the Hugging Face step does
             hf = base.generate(x, num_beams=3)
             assert [c.token_ids for c in graph_model.generate(x, num_beams=3)] == [c.token_ids for c in hf]
-
-
-# ------------------------------------------------------------------------------------------- bench
-
-
-def test_gpu_decode_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    """The bench script's CPU smoke run: both runtimes time, and the float32 static tokens agree."""
-    spec = importlib.util.spec_from_file_location("gpu_decode", ROOT / "bench" / "gpu_decode.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    before = torch.get_num_threads()
-    try:
-        results = bench.main(["--device", "cpu", "--tokens", "5", "--repeats", "1", "--batches", "2"])
-    finally:
-        torch.set_num_threads(before)
-    out = capsys.readouterr().out
-    assert "HF generate eager fp32" in out and "ratio static / HF" in out
-    assert results["agreement"] == 1.0
-    assert all(results[k] > 0 for k in ("hf_b1_ms", "static_b1_ms", "hf_2_ips", "static_2_ips"))

@@ -16,8 +16,9 @@ from snap2caption.manifest import write_manifest
 from snap2caption.models import detector as detector_model
 from snap2caption.models.detector import yolo
 from snap2caption.models.detector.boxes import Letterbox, letterbox, nms, postprocess
-from snap2caption.models.detector.config import DetectorConfig
+from snap2caption.models.detector.config import FEATURE_NAME, DetectorConfig
 from snap2caption.models.detector.runtime import Detector
+from snap2caption.models.domain import DomainModel, fit_domain
 from snap2caption.models.onnx_io import read_metadata
 
 NAMES = ["circle", "square", "star"]
@@ -115,10 +116,19 @@ def test_onnx_and_torch_agree(random_artifact: Path) -> None:
         "onnx",  # auto: the artifact has model.onnx
     )
     pixels, _ = onnx_det.preprocess(_photos())
-    raw_onnx, raw_torch = onnx_det.raw(pixels), torch_det.raw(pixels)
+    (raw_onnx, feat_onnx), (raw_torch, feat_torch) = onnx_det.forward(pixels), torch_det.forward(pixels)
     assert raw_onnx.shape == raw_torch.shape == (3, 4 + len(NAMES), 8 * 8 + 4 * 4 + 2 * 2)
     np.testing.assert_allclose(raw_onnx[:, :4], raw_torch[:, :4], atol=BOX_ATOL)
     np.testing.assert_allclose(raw_onnx[:, 4:], raw_torch[:, 4:], atol=SCORE_ATOL)
+    np.testing.assert_array_equal(onnx_det.raw(pixels), raw_onnx)  # raw: the same pass, boxes only
+    # The detector's own features come from the same pass, equal on both runtimes: yolov8n's layers 2 and
+    # 4 have 32 and 64 channels at width 0.25.
+    assert feat_onnx is not None and feat_torch is not None
+    assert feat_onnx.shape == feat_torch.shape == (3, 32 + 64)
+    np.testing.assert_allclose(feat_onnx, feat_torch, rtol=1e-4, atol=1e-5 * np.abs(feat_torch).max())
+    assert np.abs(feat_onnx[0] - feat_onnx[1]).max() > 1e-3 * np.abs(feat_onnx).max()  # per image
+    assert onnx_det.domain is None and torch_det.domain is None  # this artifact has no domain model
+    assert [a.domain for a in onnx_det.analyze(_photos())] == [None] * 3
 
     # Batched and one-by-one give the same detections; both backends give the same detections.
     a = onnx_det.detect(_photos(), conf=0.3, batch_size=8)
@@ -179,9 +189,12 @@ def test_int8_export_loads_and_tracks_the_float_model(random_artifact: Path, tmp
     assert "int8" in read_metadata(folder / "model.int8.onnx")["quantization"]
     with pytest.raises(ValueError, match="int8 is an ONNX variant"):
         detector_model.load(folder, "torch", int8=True)
-    raw, raw_int8 = det.raw(pixels), int8.raw(pixels)
+    (raw, features), (raw_int8, features_int8) = det.forward(pixels), int8.forward(pixels)
     assert raw_int8.shape == raw.shape
     assert np.abs(raw_int8[:, :4] - raw[:, :4]).mean() < 2.0  # pixels; a random net is a hard case
+    # The int8 graph keeps the features output (quantized layers: close to, not equal to, float).
+    assert features is not None and features_int8 is not None and features_int8.shape == features.shape
+    assert np.abs(features_int8 - features).mean() < 0.1 * np.abs(features).mean()
 
 
 def test_fine_tuning_weights_load_without_unpickling_code(tmp_path: Path) -> None:
@@ -225,3 +238,74 @@ def test_importing_ultralytics_leaves_the_safe_decoder_alone() -> None:
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="GIF")
     with pytest.raises(CorruptImage):
         decode_image(buf.getvalue()[: len(buf.getvalue()) // 10])
+
+
+def _domain_for(detector: Detector, seed: int = 0) -> DomainModel:
+    """A domain model in the detector's feature space, fitted on noise images (enough to load and check)."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(70)]
+    pixels, _ = detector.preprocess(images)
+    features = detector.forward(pixels)[1]
+    assert features is not None
+    return fit_domain(features[:20], features[20:], feature=FEATURE_NAME)
+
+
+def test_domain_model_loads_with_the_detector_and_is_checked(random_artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from snap2caption.errors import ArtifactError, ArtifactIntegrityError
+
+    folder = tmp_path / "with-domain"
+    shutil.copytree(random_artifact, folder)
+    domain = _domain_for(detector_model.load(random_artifact, "onnx"))
+    domain.save(folder)
+    write_manifest(folder)
+    for runtime in ("onnx", "torch"):
+        det = detector_model.load(folder, runtime)
+        assert det.domain is not None and det.domain.dim == 96
+        answers = det.analyze(_photos())
+        assert all(a.domain is not None and a.features is not None for a in answers)
+        expected = domain.check(np.stack([a.features for a in answers if a.features is not None]))
+        got = [a.domain for a in answers if a.domain is not None]
+        assert [c.in_domain for c in got] == [c.in_domain for c in expected]
+        assert [c.distance for c in got] == pytest.approx([c.distance for c in expected])
+
+    (folder / "domain.npz").unlink()  # half a domain model: refused, manifest or not
+    with pytest.raises(ArtifactIntegrityError):
+        detector_model.load(folder)
+    with pytest.raises(ArtifactError, match="must come together"):
+        detector_model.load(folder, verify=False)
+
+
+def test_an_artifact_exported_before_features_still_loads(random_artifact: Path, tmp_path: Path) -> None:
+    """``model.onnx`` with ``output0`` alone (as exported before the features output): it loads, detects as
+    before, and says nothing about its domain; a domain model beside it is refused (it cannot be checked)."""
+    import shutil
+
+    from snap2caption.errors import ArtifactError
+    from snap2caption.models.detector.config import INPUT_NAME, OUTPUT_NAME
+    from snap2caption.models.onnx_export import export_onnx
+
+    folder = tmp_path / "old"
+    shutil.copytree(random_artifact, folder)
+    model, _ = _random_yolo()
+    config = DetectorConfig(names=NAMES, imgsz=64, stride=32, model="yolov8n.yaml")
+    example = torch.zeros(1, 3, 64, 64)
+    export_onnx(yolo.inference_model(model), folder / "model.onnx", example, input_name=INPUT_NAME,
+                output_name=OUTPUT_NAME, metadata=config.onnx_metadata())  # fmt: skip
+    write_manifest(folder)
+    old = detector_model.load(folder, "onnx")
+    assert not old.has_features and old.domain is None
+    pixels, _ = old.preprocess(_photos())
+    raw, features = old.forward(pixels)
+    assert features is None
+    np.testing.assert_allclose(raw, detector_model.load(random_artifact, "onnx").raw(pixels), atol=1e-4)
+    assert [a.domain for a in old.analyze(_photos())] == [None] * 3
+    assert old.detect(_photos()) == [a.objects for a in old.analyze(_photos())]
+    rebuilt = detector_model.load(folder, "torch")  # from the weights: features, still no domain model
+    assert rebuilt.has_features and rebuilt.domain is None
+
+    _domain_for(detector_model.load(random_artifact, "onnx")).save(folder)
+    write_manifest(folder)
+    with pytest.raises(ArtifactError, match="gives no features"):
+        detector_model.load(folder, "onnx")

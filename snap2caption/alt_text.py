@@ -6,7 +6,11 @@ Pure functions (no I/O, no model), following common accessibility practice for a
 - sentence case, ending with a full stop;
 - short: at most ~125 characters, cut at a word boundary;
 - when the caption is unsure (confidence under a threshold) or missing, say what is likely there
-  instead: ``"Image may contain: dog, frisbee and grass."`` from the top tags and detected objects.
+  instead: ``"Image may contain: dog, frisbee and grass."`` from the top tags and detected objects;
+- a caption of an image outside the captioner's training domain is never used (a confident wrong
+  description is worse than none), and objects only when the detector is inside its domain for the image:
+  :func:`alt_text_labels` and :func:`make_alt_text`'s ``caption_in_domain``. ``None`` ("the model has no
+  domain description", older artifacts) counts as inside.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 DEFAULT_MAX_CHARS = 125
+# The caption's confidence is a calibrated probability that it is right (the captioner's calibration.json):
+# 0.5 uses a caption as alt text only when it is more likely right than wrong. The gateway's and the
+# backfill's default.
+DEFAULT_MIN_CONFIDENCE = 0.5
 FALLBACK_PREFIX = "Image may contain: "
 MAX_FALLBACK_LABELS = 5
 
@@ -138,6 +146,35 @@ def fallback_alt_text(
     return None
 
 
+def alt_text_labels(
+    tags: Sequence[str], objects: Sequence[str], *, objects_in_domain: bool | None = None
+) -> list[str]:
+    """The labels a fallback may name, best first: the tags, then the object labels unless the detector
+    is outside its training domain for the image (``objects_in_domain`` False)."""
+    return [*tags, *(objects if objects_in_domain is not False else [])]
+
+
+def caption_note(
+    confidence: float | None, in_domain: bool | None, *, min_confidence: float, used: bool | None = None
+) -> str | None:
+    """Why a caption is not (or would not be) the alt text, in a few words; ``None`` when it is trusted.
+
+    Args:
+        confidence: The caption's confidence in [0, 1].
+        in_domain: Whether the image is inside the captioner's training domain (None: unknown, trusted).
+        min_confidence: The alt-text threshold on the confidence.
+        used: Whether it became the alt text after all (an unsure caption with no label to fall back on).
+    """
+    if in_domain is False:
+        return "not used for alt text: the image is outside the captioner's training domain"
+    if confidence is None or confidence >= min_confidence:
+        return None
+    reason = f"confidence {confidence:.2f} is under the alt-text threshold {min_confidence:.2f}"
+    if used:
+        return f"used for alt text although {reason}: there was no tag or object to fall back on"
+    return f"not used for alt text: {reason}"
+
+
 def make_alt_text(
     caption: str | None,
     confidence: float | None,
@@ -145,21 +182,24 @@ def make_alt_text(
     *,
     min_confidence: float,
     max_chars: int = DEFAULT_MAX_CHARS,
+    caption_in_domain: bool | None = None,
 ) -> AltText | None:
     """Choose the alt text of an image.
 
     Args:
         caption: The caption, or ``None`` when the captioner failed.
         confidence: The caption's confidence in [0, 1] (``None`` with no caption).
-        labels: Tag names and object labels, best first (duplicates allowed).
+        labels: Tag names and object labels, best first (duplicates allowed); see :func:`alt_text_labels`.
         min_confidence: Captions below this are not trusted; labels are used instead.
         max_chars: Longest alt text.
+        caption_in_domain: Whether the image is inside the captioner's training domain; ``False`` means
+            the caption is never used, not even as a last resort (``None``: unknown, counts as inside).
 
     Returns:
-        The caption's alt text when it is confident enough; else the labels' fallback; else the unsure
-        caption (better than nothing); ``None`` when there is neither caption nor label.
+        The caption's alt text when it is in domain and confident enough; else the labels' fallback;
+        else the unsure in-domain caption (better than nothing); ``None`` when there is none of these.
     """
-    from_caption = caption_alt_text(caption, max_chars) if caption else ""
+    from_caption = caption_alt_text(caption, max_chars) if caption and caption_in_domain is not False else ""
     trusted = bool(from_caption) and confidence is not None and confidence >= min_confidence
     if trusted:
         return AltText(from_caption, "caption")

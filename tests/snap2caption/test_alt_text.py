@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.alt_text import (
+from snap2caption.alt_text import (
     AltText,
+    alt_text_labels,
     caption_alt_text,
+    caption_note,
     dedupe_labels,
     fallback_alt_text,
     finish_sentence,
@@ -106,6 +108,34 @@ def test_make_alt_text_chooses_caption_or_fallback() -> None:
     assert make_alt_text(None, None, [], min_confidence=0.5) is None
     # Exactly at the threshold counts as sure.
     assert make_alt_text("a dog", 0.5, labels, min_confidence=0.5) == AltText("A dog.", "caption")
+
+
+def test_a_caption_outside_the_captioners_domain_is_never_used_and_out_of_domain_objects_are_not_named() -> (
+    None
+):
+    labels = ["cat"]
+    out = {"min_confidence": 0.5, "caption_in_domain": False}
+    assert make_alt_text("an orange square", 0.95, labels, **out) == AltText(
+        "Image may contain: cat.", "fallback"
+    )
+    assert make_alt_text("an orange square", 0.95, [], **out) is None  # not even as a last resort
+    for in_domain in (True, None):  # None: a model without a domain description counts as inside
+        got = make_alt_text("a dog", 0.9, labels, min_confidence=0.5, caption_in_domain=in_domain)
+        assert got == AltText("A dog.", "caption")
+    assert alt_text_labels(["cat"], ["square"], objects_in_domain=False) == ["cat"]
+    assert alt_text_labels(["cat"], ["square"], objects_in_domain=True) == ["cat", "square"]
+    assert alt_text_labels(["cat"], ["square"]) == ["cat", "square"]
+
+
+def test_caption_note_says_why_a_caption_is_not_the_alt_text() -> None:
+    assert caption_note(0.9, True, min_confidence=0.5) is None
+    assert caption_note(0.9, None, min_confidence=0.5) is None
+    note = caption_note(0.9, False, min_confidence=0.5)
+    assert note is not None and "outside the captioner's training domain" in note
+    note = caption_note(0.2, True, min_confidence=0.5, used=False)
+    assert note == "not used for alt text: confidence 0.20 is under the alt-text threshold 0.50"
+    note = caption_note(0.2, None, min_confidence=0.5, used=True)
+    assert note is not None and note.startswith("used for alt text although")
 
 
 @pytest.mark.parametrize(
