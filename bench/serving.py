@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -58,6 +59,7 @@ class Level:
     p99_ms: float
     images_per_s: float
     mean_batch: float
+    rate_per_s: float = 0.0  # open loop (:func:`open_loop`): the offered arrival rate; 0 for closed loops
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -199,6 +201,64 @@ async def closed_loop(
         name or f"service, {concurrency} clients", concurrency, len(latencies), errors, seconds,
         percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
         len(latencies) / seconds, statistics.fmean(batches) if batches else 0.0,
+    )  # fmt: skip
+
+
+async def open_loop(
+    url: str,
+    images: list[bytes],
+    rate_per_s: float,
+    duration_s: float,
+    *,
+    path: str = "/v1/analyze",
+    check: Callable[[dict[str, Any]], bool] = any_answer,
+    name: str | None = None,
+    seed: int = 0,
+) -> Level:
+    """Poisson arrivals: requests sent at exponentially spaced times averaging ``rate_per_s``, whatever is
+    still in flight (users do not wait for each other's answers, unlike :func:`closed_loop`'s clients).
+
+    Latency counts from each request's scheduled arrival, not from when the client got round to sending it,
+    so a client that falls behind cannot hide the wait (coordinated omission). The arrival times are drawn
+    from ``seed``: runs with the same arguments offer the same load.
+
+    Returns:
+        The level, with ``concurrency`` the most requests that were in flight at once.
+    """
+    rng = random.Random(seed)
+    arrivals, at = [], rng.expovariate(rate_per_s)
+    while at < duration_s:
+        arrivals.append(at)
+        at += rng.expovariate(rate_per_s)
+    latencies: list[float] = []
+    errors = in_flight = most_in_flight = 0
+
+    async def one(http: httpx.AsyncClient, i: int, due: float) -> None:
+        nonlocal errors, in_flight, most_in_flight
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            data = images[i % len(images)]
+            response = await http.post(path, content=data, headers={"content-type": "image/jpeg"})
+            if response.status_code == 200 and check(response.json()):
+                latencies.append((time.perf_counter() - due) * 1000)
+            else:
+                errors += 1
+        except httpx.HTTPError:
+            errors += 1
+        finally:
+            in_flight -= 1
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)  # never queue in the client
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(http, i, started + at) for i, at in enumerate(arrivals)))
+        seconds = time.perf_counter() - started
+    return Level(
+        name or f"{path} poisson {rate_per_s:g}/s", most_in_flight, len(latencies), errors, seconds,
+        percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
+        len(latencies) / seconds, 0.0, rate_per_s,
     )  # fmt: skip
 
 

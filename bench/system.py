@@ -2,15 +2,19 @@
 
 What it does, in one run on one machine:
 
-1. Starts ``snap2caption serve captioner``, ``detector`` and ``gateway`` as their own processes on free
-   loopback ports, serving the ``production`` models of the registry under ``--home`` (what ``snap2caption
-   up`` builds: ``var/`` by default), with their default settings (ONNX Runtime where the artifacts carry it).
+1. Starts ``snap2caption serve captioner``, ``detector``, ``gateway`` and ``etl`` as their own processes on
+   free loopback ports, serving the ``production`` models of the registry under ``--home`` (what
+   ``snap2caption up`` builds: ``var/`` by default), with their default settings (ONNX Runtime where the
+   artifacts carry it).
 2. Baseline, in this process: the same caption model through Hugging Face ``generate`` (PyTorch eager,
    greedy, one image at a time), as ``bench/serving.py`` measures it.
 3. Closed-loop clients at each ``--concurrency`` on ``POST /v1/caption``, ``/v1/detect``, ``/v1/tags`` and
    the gateway's ``/v1/analyze`` (each client sends a synthetic-scene JPEG, waits, sends the next).
-4. Prints p50/p95/p99, throughput and errors per endpoint and level, the ratio of each captioner level to the
-   baseline, and the peak RSS of every service and their sum; writes them with the machine, load average,
+4. With ``--rate R``: open-loop Poisson arrivals at R images/s on ``/v1/analyze`` for ``--rate-s`` seconds
+   (``serving.open_loop``: latency from each request's scheduled arrival), the way users meet the API.
+5. Prints p50/p95/p99, throughput and errors per endpoint and level, the ratio of each captioner level to the
+   baseline, and the peak RSS of every service (the idle ETL service too: the whole starter system) and their
+   sum; writes them with the machine, load average,
    versions and arguments to a JSON result (``bench/results/system-<UTC time>.json``, or ``--out``).
 
 The registry is ``$MLFLOW_TRACKING_URI`` when set, else the one under ``--home``.
@@ -18,6 +22,7 @@ The registry is ``$MLFLOW_TRACKING_URI`` when set, else the one under ``--home``
 The clients share the machine's cores with the services (on 2 cores the numbers are a floor). Example::
 
     .venv/bin/python bench/system.py --home var --concurrency 1,8,50 --duration-s 20
+    .venv/bin/python bench/system.py --home var --endpoints analyze --concurrency 50 --rate 10 --rate-s 60
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result_json import BenchRecord, add_out_argument
-from serving import Level, baseline, closed_loop, free_port, peak_rss_mb, synth_images
+from serving import Level, baseline, closed_loop, free_port, open_loop, peak_rss_mb, synth_images
 
 ENDPOINTS = {
     "captioner": ("captioner", "/v1/caption"),
@@ -68,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-images", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="Intra-op threads per model service.")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="Closed-loop warm-up per endpoint.")
+    parser.add_argument("--rate", type=float, help="Open-loop Poisson arrivals on /v1/analyze, images/s.")
+    parser.add_argument("--rate-s", type=float, default=60.0, help="How long the open-loop arrivals last.")
     add_out_argument(parser)
     args = parser.parse_args(argv)
 
@@ -91,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"baseline (HF generate, eager, one at a time): p50 {base.p50_ms:.1f} ms, "
               f"{base.images_per_s:.2f} images/s", flush=True)  # fmt: skip
 
-        ports = {name: free_port() for name in ("captioner", "detector", "gateway")}
+        ports = {name: free_port() for name in ("captioner", "detector", "gateway", "etl")}
         threads, cache = str(args.threads), str(home / "models")  # the model cache under --home, not cwd
         specs = [
             ServiceSpec(
@@ -120,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     ("SNAP2CAPTION_GATEWAY_RATE_LIMIT_PER_S", "100000"),
                 ),
             ),
+            ServiceSpec(
+                "etl",
+                ports["etl"],
+                env=(
+                    ("SNAP2CAPTION_ETL_DATA_ROOT", str(workdir / "etl")),
+                    ("SNAP2CAPTION_ETL_DB_URL", f"sqlite:///{workdir / 'etl.sqlite'}"),
+                ),
+            ),
         ]
         running = start_services(specs, workdir / "logs")
         results: list[Level] = []
@@ -138,6 +153,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     print(f"{path:<12} {concurrency:>3} clients: p50 {result.p50_ms:.1f} ms, p95 "
                           f"{result.p95_ms:.1f}, {result.images_per_s:.2f} img/s, errors {result.errors}",
                           flush=True)  # fmt: skip
+            if args.rate:
+                url = by_name["gateway"].spec.url
+                path, check = "/v1/analyze", no_feature_errors
+                asyncio.run(closed_loop(url, images, 4, args.warmup_s, path=path, check=check))  # warm-up
+                result = asyncio.run(open_loop(url, images, args.rate, args.rate_s, path=path, check=check))
+                results.append(result)
+                print(f"{result.name}: p50 {result.p50_ms:.1f} ms, p95 {result.p95_ms:.1f}, "
+                      f"{result.images_per_s:.2f} img/s, errors {result.errors}, "
+                      f"at most {result.concurrency} in flight", flush=True)  # fmt: skip
             rss = {svc.spec.name: peak_rss_mb(svc.process.pid) for svc in running}
         finally:
             stop_services(running)

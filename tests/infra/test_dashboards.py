@@ -17,6 +17,7 @@ from tests.infra.infra_helpers import (
     ROOT,
     iter_panels,
     load_dashboard,
+    panel_queries,
     variables_used,
 )
 
@@ -95,3 +96,41 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards() -> None:
     assert f"./infra/grafana/dashboards:{provider['options']['path']}:ro" in volumes
     assert "./infra/grafana/provisioning:/etc/grafana/provisioning:ro" in volumes
     assert "./infra/prometheus:/etc/prometheus:ro" in compose["services"]["prometheus"]["volumes"]
+
+
+# The gateway's series that say which release track answered (services/gateway/metrics.py).
+TRACKED_METRICS = (
+    "snap2caption_gateway_backend_requests_total", "snap2caption_gateway_backend_duration_seconds",
+    "snap2caption_circuit_breaker_state", "snap2caption_caption_confidence", "snap2caption_caption_words",
+    "snap2caption_tags_per_image", "snap2caption_objects_per_image", "snap2caption_alt_text_fallbacks_total",
+    "snap2caption_partial_results_total",
+)  # fmt: skip
+
+
+def test_every_panel_of_a_tracked_series_is_split_by_track() -> None:
+    """During a canary the operator compares the tracks: no panel may add canary and production up."""
+    import re
+
+    checked = 0
+    for path in DASHBOARDS:
+        for query in panel_queries(path):
+            if not any(name in query.expr for name in TRACKED_METRICS):
+                continue
+            checked += 1
+            groupings = re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", query.expr)
+            assert groupings, f"{query.panel} / {query.ref_id}: aggregates without grouping"
+            for labels in groupings:
+                assert "track" in {label.strip() for label in labels.split(",")}, (
+                    f"{query.panel} / {query.ref_id} adds the tracks up: {query.expr}"
+                )
+    assert checked >= 10
+
+
+def test_the_api_dashboard_has_the_release_panels() -> None:
+    [api] = [path for path in DASHBOARDS if path.stem == "snap2caption-api"]
+    exprs = " ".join(query.expr for query in panel_queries(api))
+    for name in (
+        "snap2caption_release_canary_share", "snap2caption_release_canary_version",
+        "snap2caption_release_decisions",
+    ):  # fmt: skip
+        assert name in exprs

