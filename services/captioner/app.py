@@ -32,4 +32,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lambda: CaptionEngine(resolved),
         router,
         description="Captions images with the caption model the registry's alias names; micro-batched.",
+        alias=resolved.model_alias,
     )

@@ -36,4 +36,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Locates objects (YOLO) and tags images (ImageNet classifier) with the models the registry's "
             "aliases name; micro-batched."
         ),
+        alias=resolved.detector_alias,
     )

@@ -216,7 +216,9 @@ async def _form_uploads(
 def _route(request: Request, gateway: Gateway) -> Route:
     """The request's backends: production, or a model's canary for its share of the request ids."""
     override = request.headers.get(TRACK_HEADER) if gateway.settings.track_header_enabled else None
-    return gateway.route(request_id_var.get() or "-", override.strip().lower() if override else None)
+    route = gateway.route(request_id_var.get() or "-", override.strip().lower() if override else None)
+    request.state.track = route.track  # the track label of this request's HTTP metrics, errors included
+    return route
 
 
 async def _analyze_source(

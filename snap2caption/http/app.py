@@ -62,6 +62,7 @@ def create_app(
     description: str = "",
     max_body_bytes: int | None = None,
     body_pace: BodyPace | None = None,
+    track: str = "production",
 ) -> FastAPI:
     """Build a service's FastAPI app with the shared plumbing installed.
 
@@ -77,6 +78,8 @@ def create_app(
         description: OpenAPI description.
         max_body_bytes: Cap on request bodies (413 ``payload_too_large`` beyond it), or ``None``.
         body_pace: Slowest acceptable request body (408 ``request_timeout`` below it), or ``None``.
+        track: The release track the HTTP metrics are labelled with unless a route sets
+            ``request.state.track`` (see :class:`RequestContextMiddleware`).
 
     Returns:
         The app. ``app.state.service``, ``app.state.started`` and ``app.state.draining`` are set.
@@ -112,7 +115,11 @@ def create_app(
     app.state.draining = False
     install_error_handlers(app)
     app.add_middleware(
-        RequestContextMiddleware, service=service, max_body_bytes=max_body_bytes, body_pace=body_pace
+        RequestContextMiddleware,
+        service=service,
+        max_body_bytes=max_body_bytes,
+        body_pace=body_pace,
+        track=track,
     )
     app.include_router(_ops_router(service, version, ready_check))
     for router in routers:

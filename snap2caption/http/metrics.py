@@ -32,14 +32,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.
 
 HTTP_REQUESTS = Counter(
     "snap2caption_http_requests",
-    "HTTP requests served, by route template (never the raw path) and status.",
-    ["service", "route", "method", "status"],
+    "HTTP requests served, by route template (never the raw path), status and release track (`production`, "
+    "or `canary` for a gateway request a model's canary answered and for a model service serving the "
+    "`canary` alias).",
+    ["service", "route", "method", "status", "track"],
 )
 HTTP_DURATION = Histogram(
     "snap2caption_http_request_duration_seconds",
     "Time from the first byte of the request to the end of the response (not observed for 408 and 499: "
-    "how long a slow or departed client took says nothing about the service).",
-    ["service", "route", "method"],
+    "how long a slow or departed client took says nothing about the service), by release track.",
+    ["service", "route", "method", "track"],
     buckets=LATENCY_BUCKETS,
 )
 HTTP_CLIENT_DISCONNECTS = Counter(

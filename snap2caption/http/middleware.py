@@ -220,6 +220,9 @@ class RequestContextMiddleware:
         max_body_bytes: Refuse request bodies larger than this with 413 ``payload_too_large``
             (checked from ``Content-Length`` up front and while streaming); ``None`` for no cap.
         body_pace: Cut bodies arriving slower than this with 408 ``request_timeout``; ``None`` for no limit.
+        track: The ``track`` label of the HTTP metrics (``production``, or ``canary`` for a service serving
+            a model's canary). A route that knows better for its request (the gateway, which sends a share of
+            requests to canaries) sets ``request.state.track``, and that wins, on error answers too.
     """
 
     def __init__(
@@ -228,9 +231,11 @@ class RequestContextMiddleware:
         service: str,
         max_body_bytes: int | None = None,
         body_pace: BodyPace | None = None,
+        track: str = "production",
     ) -> None:
         self.app = app
         self.service = service
+        self.track = track
         self.max_body_bytes = max_body_bytes
         self.body_pace = body_pace
         self._in_flight = HTTP_IN_FLIGHT.labels(service)
@@ -296,9 +301,10 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = route_template(scope)
             method = scope["method"]
-            HTTP_REQUESTS.labels(self.service, route, method, str(status)).inc()
+            track = str(scope["state"].get("track") or self.track)
+            HTTP_REQUESTS.labels(self.service, route, method, str(status), track).inc()
             if status not in _UNTIMED_STATUSES:
-                HTTP_DURATION.labels(self.service, route, method).observe(elapsed)
+                HTTP_DURATION.labels(self.service, route, method, track).observe(elapsed)
             level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO
             logger.log(
                 level,

@@ -34,12 +34,19 @@ class ModelEngine(Protocol):
     def readiness(self) -> Readiness: ...
 
 
+def release_track(alias: str) -> str:
+    """The release track of a model service serving ``alias``: ``canary`` for the canary alias, else
+    ``production`` (a service pinned to a version number or another alias is not part of a release)."""
+    return "canary" if alias.strip().lower() == "canary" else "production"
+
+
 def create_model_app(
     service: str,
     settings: ModelServiceSettings,
     engine_factory: Callable[[], ModelEngine],
     router: APIRouter,
     description: str,
+    alias: str = "production",
 ) -> FastAPI:
     """Build a model service's app: threads set, engine started in the lifespan and drained on shutdown.
 
@@ -49,6 +56,8 @@ def create_model_app(
         engine_factory: Makes the engine, inside the lifespan (after the thread setting).
         router: The service's routes.
         description: OpenAPI description.
+        alias: The registry alias the service serves; a service serving ``canary`` labels its HTTP metrics
+            ``track="canary"`` (:func:`release_track`).
 
     Returns:
         The app; ``app.state.settings`` and ``app.state.engine`` are set while it runs.
@@ -78,6 +87,7 @@ def create_model_app(
         routers=[router],
         description=description,
         max_body_bytes=settings.max_body_bytes,
+        track=release_track(alias),
     )
     if settings.test_fault_errors or settings.test_fault_slowdown > 1.0:
         _inject_test_faults(app, service, settings)

@@ -26,7 +26,7 @@ from tests.infra.conftest import GATEWAY_WORKERS, MonitoredStack
 pytestmark = pytest.mark.integration
 
 ROUTE = "/v1/analyze"
-LABELS = {"service": "gateway", "route": ROUTE, "method": "POST", "status": "415"}
+LABELS = {"service": "gateway", "route": ROUTE, "method": "POST", "status": "415", "track": "production"}
 
 
 def _per_worker(metrics_dir: Path) -> dict[str, float]:
@@ -67,7 +67,11 @@ def test_metrics_sum_the_requests_of_every_worker(
     metrics_dir = monitored_stack.gateway_metrics_dir
     requests = _series("snap2caption_http_requests_total", **LABELS)
     durations = _series(
-        "snap2caption_http_request_duration_seconds_count", service="gateway", route=ROUTE, method="POST"
+        "snap2caption_http_request_duration_seconds_count",
+        service="gateway",
+        route=ROUTE,
+        method="POST",
+        track="production",
     )
     before = {"requests": _scraped(client, requests), "durations": _scraped(client, durations)}
     before_per_worker = _per_worker(metrics_dir)

@@ -28,6 +28,7 @@ counts and ratios, and each wait below is a generous ceiling that only a broken 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,19 @@ def _assert_production_never_failed(release: Release, traffic: Traffic) -> None:
     assert {status for status, track in traffic.answers if track == "production"} == {200}
 
 
+def _http_answers(url: str, service: str, track: str, ok: bool) -> float:
+    """``snap2caption_http_requests_total`` of ``service``'s ``/v1`` routes on ``track`` in a scrape of
+    ``url``, with status 200 (``ok``) or any other."""
+    total = 0.0
+    scrape = httpx.get(f"{url}/metrics", timeout=5).text
+    for labels, value in re.findall(r"^snap2caption_http_requests_total\{([^}]*)\} (\S+)$", scrape, re.M):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        mine = (fields["service"], fields["track"]) == (service, track) and fields["route"].startswith("/v1/")
+        if mine and (fields["status"] == "200") == ok:
+            total += float(value)
+    return total
+
+
 def _decisions(release: Release) -> list[dict[str, object]]:
     from services.gateway.db import release_decisions
 
@@ -282,6 +296,9 @@ def _an_erroring_canary_is_rolled_back_without_failing_production(release: Relea
     _assert_production_never_failed(release, traffic)
     # The canary answered (and failed) some requests: its errors were real, and only its own.
     assert any(track == "canary" and status != 200 for track, status in _logged(release))
+    # The gateway's own HTTP metrics put those failed answers on the canary track, none on production's.
+    assert _http_answers(release.gateway.url, "gateway", "canary", ok=False) > 0
+    assert _http_answers(release.gateway.url, "gateway", "production", ok=False) == 0
     registry = Registry(release.registry_uri)
     assert registry.resolve("captioner", "production").version == 1
     assert registry.canary("captioner") is None
@@ -341,6 +358,15 @@ def _a_healthy_canary_is_promoted_and_every_track_is_logged(release: Release) ->
         'sum by (track) (snap2caption_gateway_backend_requests_total{backend="captioner",outcome="ok"})'
     )
     assert {s["metric"]["track"] for s in series} == {"production", "canary"}
+    # So do the gateway's answers to platforms, and the canary service labels its own answers canary.
+    series = release.prometheus.query(
+        "sum by (track) "
+        '(snap2caption_http_requests_total{service="gateway",route="/v1/analyze",status="200"})'
+    )
+    assert {s["metric"]["track"] for s in series} == {"production", "canary"}
+    assert release.canary is not None
+    assert _http_answers(release.canary.url, "captioner", "canary", ok=True) > 0
+    assert _http_answers(release.canary.url, "captioner", "production", ok=True) == 0
 
 
 @pytest.mark.timeout(1200)  # three releases in turn; ~70 s on a quiet machine, 170 s at load average 10

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
@@ -67,6 +67,15 @@ ERRORS = {
 @router.get("/v1/raise/{kind}", response_model=Pong, responses=error_responses(400, 404, 422, 503, 504))
 async def raise_kind(kind: str) -> Pong:
     raise ERRORS[kind]
+
+
+@router.get("/v1/tracked/{track}", response_model=Pong, responses=error_responses(400))
+async def tracked(track: str, request: Request, fail: bool = False) -> Pong:
+    """As the gateway does: the route decides its request's release track, then may fail."""
+    request.state.track = track
+    if fail:
+        raise BadRequest("failed after routing")
+    return Pong()
 
 
 STATE = {"ready": True}
@@ -235,6 +244,37 @@ def test_metrics_count_requests_under_route_template(client: TestClient) -> None
     assert "/v1/items/a" not in text
     assert _sample(text, "snap2caption_http_request_duration_seconds_count", route="/v1/items/{item_id}") >= 3
     assert "snap2caption_http_requests_in_flight" in text
+
+
+def test_metrics_carry_the_track_a_route_chose_else_the_services(client: TestClient) -> None:
+    def count(track: str, status: str) -> float:
+        text = client.get("/metrics").text
+        return _sample(
+            text, "snap2caption_http_requests_total", route="/v1/tracked/{track}", status=status, track=track
+        )
+
+    before = {key: count(*key) for key in (("canary", "200"), ("canary", "400"), ("production", "200"))}
+    assert client.get("/v1/tracked/canary").status_code == 200
+    assert client.get("/v1/tracked/canary", params={"fail": "true"}).status_code == 400  # errors too
+    assert client.get("/v1/tracked/production").status_code == 200
+    assert {key: count(*key) - before[key] for key in before} == {
+        ("canary", "200"): 1, ("canary", "400"): 1, ("production", "200"): 1,
+    }  # fmt: skip
+    text = client.get("/metrics").text
+    assert _sample(text, "snap2caption_http_request_duration_seconds_count", track="canary") >= 2
+    # A route that chooses nothing is the service's own track (production unless it serves a canary).
+    assert _sample(text, "snap2caption_http_requests_total", route="/metrics", track="production") >= 1
+
+
+def test_a_service_serving_a_canary_labels_its_metrics_canary() -> None:
+    app = create_app("tiny-canary", "9.9.9", routers=[router], track="canary")
+    with TestClient(app) as client:
+        assert client.get("/v1/items/x").status_code == 200
+        text = client.get("/metrics").text
+    assert (
+        _sample(text, "snap2caption_http_requests_total", service="tiny-canary", route="/v1/items/{item_id}",
+                track="canary") == 1
+    )  # fmt: skip
 
 
 def test_unmatched_paths_share_one_label(client: TestClient) -> None:
