@@ -242,7 +242,10 @@ def test_metrics_count_requests_under_route_template(client: TestClient) -> None
     )
     assert after - before == 3
     assert "/v1/items/a" not in text
-    assert _sample(text, "snap2caption_http_request_duration_seconds_count", route="/v1/items/{item_id}") >= 3
+    durations = _sample(
+        text, "snap2caption_http_request_duration_seconds_count", service="tiny", route="/v1/items/{item_id}"
+    )
+    assert durations >= 3
     assert "snap2caption_http_requests_in_flight" in text
 
 
@@ -250,7 +253,12 @@ def test_metrics_carry_the_track_a_route_chose_else_the_services(client: TestCli
     def count(track: str, status: str) -> float:
         text = client.get("/metrics").text
         return _sample(
-            text, "snap2caption_http_requests_total", route="/v1/tracked/{track}", status=status, track=track
+            text,
+            "snap2caption_http_requests_total",
+            service="tiny",
+            route="/v1/tracked/{track}",
+            status=status,
+            track=track,
         )
 
     before = {key: count(*key) for key in (("canary", "200"), ("canary", "400"), ("production", "200"))}
@@ -261,9 +269,21 @@ def test_metrics_carry_the_track_a_route_chose_else_the_services(client: TestCli
         ("canary", "200"): 1, ("canary", "400"): 1, ("production", "200"): 1,
     }  # fmt: skip
     text = client.get("/metrics").text
-    assert _sample(text, "snap2caption_http_request_duration_seconds_count", track="canary") >= 2
+    tracked_durations = _sample(
+        text,
+        "snap2caption_http_request_duration_seconds_count",
+        service="tiny",
+        route="/v1/tracked/{track}",
+        track="canary",
+    )
+    assert tracked_durations >= 2
     # A route that chooses nothing is the service's own track (production unless it serves a canary).
-    assert _sample(text, "snap2caption_http_requests_total", route="/metrics", track="production") >= 1
+    assert (
+        _sample(
+            text, "snap2caption_http_requests_total", service="tiny", route="/metrics", track="production"
+        )
+        >= 1
+    )
 
 
 def test_a_service_serving_a_canary_labels_its_metrics_canary() -> None:
@@ -282,8 +302,14 @@ def test_unmatched_paths_share_one_label(client: TestClient) -> None:
     client.get("/openapi.json")
     text = client.get("/metrics").text
     assert "/v1/random/path/1" not in text
-    assert _sample(text, "snap2caption_http_requests_total", route="<unmatched>", status="404") >= 1
-    assert _sample(text, "snap2caption_http_requests_total", route="/openapi.json", status="200") >= 1
+    assert (
+        _sample(text, "snap2caption_http_requests_total", service="tiny", route="<unmatched>", status="404")
+        >= 1
+    )
+    assert (
+        _sample(text, "snap2caption_http_requests_total", service="tiny", route="/openapi.json", status="200")
+        >= 1
+    )
 
 
 def test_body_cap_is_413_envelope() -> None:
