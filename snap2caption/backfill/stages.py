@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,7 @@ from snap2caption.models.domain import DomainCheck
 from snap2caption.models.runtime import RuntimeChoice
 
 Batch = dict[str, Any]
+_Model = TypeVar("_Model")
 Part = Literal["caption", "tags", "objects"]
 """What one model computes; features are built from parts (as in the gateway)."""
 
@@ -112,6 +114,21 @@ def _node() -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
+def _load_on_actor(load: Callable[..., _Model], model: ModelRef, options: ModelOptions) -> _Model:
+    """Set this actor's torch threads, then load ``model`` with its package's ``load`` (the services' loader
+    and artifact cache)."""
+    from snap2caption.serving import configure_torch_threads
+
+    configure_torch_threads(options.threads)
+    return load(
+        model.source,
+        model.runtime,
+        threads=options.threads,
+        tracking_uri=options.tracking_uri,
+        cache_dir=options.cache_dir,
+    )
+
+
 def _ok(batch: Batch) -> list[int]:
     """Rows the decoder accepted."""
     return [i for i, error in enumerate(batch["error"]) if not error]
@@ -172,16 +189,8 @@ class CaptionStage:
 
     def __init__(self, model: ModelRef, options: ModelOptions, gender_neutral: bool = False) -> None:
         from snap2caption.models import caption
-        from snap2caption.serving import configure_torch_threads
 
-        configure_torch_threads(options.threads)
-        self.captioner = caption.load(
-            model.source,
-            model.runtime,
-            threads=options.threads,
-            tracking_uri=options.tracking_uri,
-            cache_dir=options.cache_dir,
-        )
+        self.captioner = _load_on_actor(caption.load, model, options)
         self.max_side = self.captioner.image_max_side or DEFAULT_CAPTION_MAX_SIDE
         self.label = model.label
         self.neutral = gender_neutral
@@ -215,16 +224,8 @@ class TagStage:
 
     def __init__(self, model: ModelRef, options: ModelOptions) -> None:
         from snap2caption.models import tagger
-        from snap2caption.serving import configure_torch_threads
 
-        configure_torch_threads(options.threads)
-        self.tagger = tagger.load(
-            model.source,
-            model.runtime,
-            threads=options.threads,
-            tracking_uri=options.tracking_uri,
-            cache_dir=options.cache_dir,
-        )
+        self.tagger = _load_on_actor(tagger.load, model, options)
         self.options = options
         self.label = model.label
         self.node = _node()
@@ -256,16 +257,8 @@ class ObjectStage:
 
     def __init__(self, model: ModelRef, options: ModelOptions) -> None:
         from snap2caption.models import detector
-        from snap2caption.serving import configure_torch_threads
 
-        configure_torch_threads(options.threads)
-        self.detector = detector.load(
-            model.source,
-            model.runtime,
-            threads=options.threads,
-            tracking_uri=options.tracking_uri,
-            cache_dir=options.cache_dir,
-        )
+        self.detector = _load_on_actor(detector.load, model, options)
         self.options = options
         self.label = model.label
         self.node = _node()
