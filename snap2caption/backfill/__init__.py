@@ -8,7 +8,10 @@
    (:mod:`snap2caption.imaging`), once; a file it refuses becomes a quarantine row with the reason, and
    the run goes on. Then one actor pool per model (captioner, tagger, detector), each actor loading its
    model once with the loader the services use (``caption.load``, ``tagger.load``, ``detector.load``), on
-   batches; then the alt text, with the gateway's rules (:mod:`snap2caption.alt_text`).
+   batches; then the alt text, with the gateway's rules (:mod:`snap2caption.alt_text`). No image flows
+   before every actor is up (``actor_start_s``, 10 minutes): the first batches are not all handed to the
+   first actor ready, and a pool the cluster cannot place fails with Ray's "Timed out while starting
+   actors" instead of waiting forever.
 3. :mod:`.output`: the driver writes the rows as they arrive, a Parquet part at a time (each part
    renamed into place whole, so a crash loses at most the part being written), and the quarantined
    files to their own parts; a ``summary.json`` gives the counts, the throughput and the nodes used.

@@ -63,6 +63,9 @@ class BackfillConfig:
         actors: Actors per model pool.
         actor_cpus: Ray CPUs each model actor reserves (fractional: three pools share two cores).
         decode_cpus: Ray CPUs each decode task reserves.
+        actor_start_s: Seconds the model actors get to start (each loads its model) before any image
+            flows: then every actor is alive when the first batches are handed out, and a pool the cluster
+            cannot place fails with Ray's "Timed out while starting actors" instead of waiting forever.
         batch_size: Images per model call.
         max_side: Longest side of the decoded copy the models share (the gateway's ``backend_max_side``).
         limits: The decoder's byte and pixel caps.
@@ -87,6 +90,7 @@ class BackfillConfig:
     actors: int = 1
     actor_cpus: float = 0.5
     decode_cpus: float = 0.5
+    actor_start_s: float = 600.0
     batch_size: int = 16
     max_side: int = 1024
     limits: DecodeLimits = DEFAULT_LIMITS
@@ -199,7 +203,9 @@ def run_backfill(
     )  # fmt: skip
     if todo:
         with ray_session(config.address, config.dashboard):
-            ray.data.DataContext.get_current().enable_progress_bars = config.progress
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = config.progress
+            context.wait_for_min_actors_s = max(1, round(config.actor_start_s))
             _run(config, options, models, todo, summary, on_progress)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / SUMMARY).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")

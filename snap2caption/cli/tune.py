@@ -218,7 +218,8 @@ def _echo(result: SearchResult) -> None:
     click.echo(f"{len(result.trials)} trials in {result.wall_s:.0f} s (MLflow run {result.parent_run_id}):")
     for t in result.trials:
         score = f"{result.metric} {t.score:.4f}" if t.score is not None else "no score"
-        line = f"  {t.trial_id} {t.status:8s} {score} after {t.evals} validations  {t.params}"
+        where = f" on node {t.node[:12]}" if t.node else ""
+        line = f"  {t.trial_id} {t.status:8s} {score} after {t.evals} validations{where}  {t.params}"
         click.echo(line + (f"  error: {t.error}" if t.error else ""))
     if result.best is not None and result.best.score is not None:
         click.echo(f"best: trial {result.best.trial_id}, {result.metric} {result.best.score:.4f}")

@@ -7,7 +7,8 @@
 - :class:`DetectorTrialCallback` (Ultralytics hooks, like ``training.detector.callbacks``): each epoch's
   validation mAP50-95 is reported as ``val_map50_95``.
 
-One report per validation: ``training_iteration`` counts validations, which is what ASHA's rungs count.
+One report per validation: ``training_iteration`` counts validations, which is what ASHA's rungs count. Each
+report (and each trial's MLflow run, as the tag ``ray.node_id``) names the Ray node the trial ran on.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ from training.callbacks.base import Callback
 # MLflow's own tag for the parent of a nested run (the UI shows the child under its parent).
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "tune.trial_id"
+NODE_TAG = "ray.node_id"
+
+
+def node_id() -> str:
+    """The Ray node this trial runs on (on a cluster, shows where the work landed)."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def trial_tags(parent_run_id: str) -> dict[str, str]:
-    """The tags that make a run the child of the search run, with this Tune trial's id and name."""
+    """The tags that make a run the child of the search run, with this Tune trial's id, name and node."""
     from ray import tune
 
     context = tune.get_context()
@@ -31,6 +40,7 @@ def trial_tags(parent_run_id: str) -> dict[str, str]:
         PARENT_TAG: parent_run_id,
         TRIAL_TAG: context.get_trial_id(),
         "mlflow.runName": context.get_trial_name(),
+        NODE_TAG: node_id(),
     }
 
 
@@ -72,6 +82,7 @@ class CaptionTrialCallback(ChildRun):
                 "val_cider_d": result.metrics["cider_d"],
                 "best_val_cider_d": state.best_score,
                 "step": state.step,
+                "node": node_id(),
             }
         )
 
@@ -92,5 +103,6 @@ class DetectorTrialCallback:
                 "val_map50_95": float(metrics.get("metrics/mAP50-95(B)", 0.0)),
                 "val_map50": float(metrics.get("metrics/mAP50(B)", 0.0)),
                 "epoch": int(trainer.epoch) + 1,
+                "node": node_id(),
             }
         )

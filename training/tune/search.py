@@ -127,6 +127,7 @@ class TrialSummary:
         score: The best validation score it reported (None when it reported none).
         evals: Validations it reported.
         error: Why it failed (one line).
+        node: The Ray node it ran on (None when it reported nothing).
     """
 
     trial_id: str
@@ -135,6 +136,7 @@ class TrialSummary:
     score: float | None
     evals: int
     error: str | None = None
+    node: str | None = None
 
 
 @dataclass
@@ -563,9 +565,9 @@ def _summarise(
             status = "finished"
         error = str(result.error).strip().splitlines()[-1] if result.error is not None else None
         params = dict(result.config or {})
-        trials.append(
-            TrialSummary(trial_id, params, status, max(scores) if scores else None, len(scores), error)
-        )
+        node = (result.metrics or {}).get("node")
+        score = max(scores) if scores else None
+        trials.append(TrialSummary(trial_id, params, status, score, len(scores), error, node))
     config: CaptionRunConfig | DetectorRunConfig = (
         from_dict(CaptionRunConfig, state["base"])
         if kind == "caption"
