@@ -2,8 +2,10 @@
 search) goes on from Ray Tune's saved experiment state: the trial that had ended is kept, the one that had
 not runs again, and the same MLflow parent run is finished.
 
-The driver is killed at a known point, not after a guessed delay: a Tune callback in the driver kills its
-own process once a trial has ended and the experiment state Tune saved to the search folder says so.
+The driver is killed at a known point, not after a guessed delay: once the first trial has ended, a Tune
+callback in the driver makes Tune save its experiment state to the search folder now (Tune saves it only
+every so often, and the second trial could end before the next save), checks that the saved state lists
+the ended trial, and kills its own process.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ OVERRIDES = [
 SEARCH = ["--samples", "2", "--scheduler", "fifo", "--max-concurrent", "1", "--seed", "0"]
 
 # The driver: the real search, plus a callback that kills it (only where KILL_DRIVER=1: a restored search
-# unpickles the callback too) once Tune's saved experiment state lists an ended trial.
+# unpickles the callback too) once a trial has ended and Tune's experiment state, saved on the spot through
+# the controller that called the callback, lists it as ended.
 DRIVER = textwrap.dedent(
     """
     import glob, os, signal, sys
@@ -45,6 +48,15 @@ DRIVER = textwrap.dedent(
     from ray import tune
     from training.caption.config import CaptionRunConfig
     from training.tune.search import SearchSettings, search
+
+    def controller():
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if type(owner).__name__ == "TuneController":
+                return owner
+            frame = frame.f_back
+        raise RuntimeError("no TuneController up the stack")
 
     class KillDriverAfterFirstTrial(tune.Callback):
         def __init__(self, experiment):
@@ -56,6 +68,7 @@ DRIVER = textwrap.dedent(
         def on_step_end(self, iteration, trials, **info):
             if not self.ended or os.environ.get("KILL_DRIVER") != "1":
                 return
+            controller().checkpoint(force=True, wait=True)
             saved = glob.glob(os.path.join(self.experiment, "experiment_state-*.json"))
             if any("TERMINATED" in Path(p).read_text() for p in saved):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -74,8 +87,7 @@ def test_a_killed_search_resumes_keeping_the_ended_trial(
     caption_data: Path, registry: Registry, tmp_path: Path, ray_tmp: Path
 ) -> None:
     out = tmp_path / "search"
-    # Tune saves its experiment state every second (not every 10 s): the kill comes soon after the trial.
-    env = os.environ | {"KILL_DRIVER": "1", "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = os.environ | {"KILL_DRIVER": "1", "PYTHONPATH": str(REPO)}
     killed = subprocess.run(
         [sys.executable, "-c", DRIVER, str(caption_data), str(out), *OVERRIDES],
         env=env,
