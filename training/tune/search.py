@@ -139,6 +139,16 @@ class TrialSummary:
     node: str | None = None
 
 
+def rank(trials: Sequence[TrialSummary]) -> tuple[list[TrialSummary], TrialSummary | None]:
+    """Trials best first (higher score first; no score, then failed, last) and the best one.
+
+    A trial that failed after it reported scores (at export, say) left no model to train again or register:
+    it is listed with its score, never chosen.
+    """
+    ranked = sorted(trials, key=lambda t: (t.status == "failed", t.score is None, -(t.score or 0.0)))
+    return ranked, next((t for t in ranked if t.score is not None and t.status != "failed"), None)
+
+
 @dataclass
 class SearchResult:
     """What a search produced.
@@ -148,7 +158,7 @@ class SearchResult:
         parent_run_id: The search's MLflow run.
         metric: The score compared (``val_cider_d`` or ``val_map50_95``).
         trials: Every trial, best first (failed last).
-        best: The best trial (None when none reported a score).
+        best: The best trial that did not fail (None when none reported a score and ended well).
         baseline: The trial of the base config itself (None without ``settings.baseline``).
         best_config: ``<out>/best.yaml`` (None without a best trial).
         wall_s: Seconds this invocation took.
@@ -574,8 +584,7 @@ def _summarise(
         else from_dict(DetectorRunConfig, state["base"])
     )
     _end_children(client, registry, config.run.experiment_name, state["parent_run_id"], stopped)
-    trials.sort(key=lambda t: (t.score is None, -(t.score or 0.0)))
-    best = next((t for t in trials if t.score is not None), None)
+    trials, best = rank(trials)
     baseline = next((t for t in trials if state.get("baseline") and t.params == state["baseline"]), None)
     best_config = None
     if best is not None:

@@ -55,6 +55,31 @@ def _prefix_grid(prefix_len: int) -> tuple[int, int]:
     return gh, prefix_len // gh
 
 
+def _pool_weights(size: int, cells: int) -> Tensor:
+    """(cells, size) averaging weights of adaptive average pooling along one axis: cell i averages inputs
+    floor(i * size / cells) .. ceil((i + 1) * size / cells) - 1, as ``F.adaptive_avg_pool2d`` does."""
+    weights = torch.zeros(cells, size)
+    for i in range(cells):
+        lo, hi = (i * size) // cells, -(-(i + 1) * size // cells)
+        weights[i, lo:hi] = 1.0 / (hi - lo)
+    return weights
+
+
+def adaptive_pool(features: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``F.adaptive_avg_pool2d(features, grid)`` as two matrix products, (B, C, h, w) -> (B, C, gh, gw).
+
+    The ONNX exporter translates adaptive pooling only where the grid divides the input (7 x 7 -> 7 x 7, not
+    7 x 7 -> 4 x 4), and the search tries prefix lengths of every square grid; the encoder's grid is fixed by
+    the preprocessing, so the weights are constants of the exported graph.
+    """
+    h, w = int(features.shape[-2]), int(features.shape[-1])
+    if (h, w) == grid:
+        return features
+    rows = _pool_weights(h, grid[0]).to(features)  # (gh, h)
+    cols = _pool_weights(w, grid[1]).to(features)  # (gw, w)
+    return rows @ features @ cols.T  # (B, C, gh, gw)
+
+
 class MlpMapping(nn.Module):
     """Grid cells -> prefix tokens: pool the grid to P cells, then a 2-layer MLP per cell."""
 
@@ -67,8 +92,7 @@ class MlpMapping(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, C, h, w) grid -> (B, P, D) prefix embeddings."""
-        if tuple(features.shape[-2:]) != self.grid:
-            features = F.adaptive_avg_pool2d(features, self.grid)  # (B, C, gh, gw)
+        features = adaptive_pool(features, self.grid)  # (B, C, gh, gw)
         cells = features.flatten(2).transpose(1, 2)  # (B, P, C), row-major cells
         return cast(Tensor, self.net(cells))  # (B, P, D)
 
@@ -96,8 +120,7 @@ class TransformerMapping(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, C, h, w) grid -> (B, P, D) prefix embeddings."""
-        if tuple(features.shape[-2:]) != self.grid:
-            features = F.adaptive_avg_pool2d(features, self.grid)  # (B, C, g, g)
+        features = adaptive_pool(features, self.grid)  # (B, C, g, g)
         tokens = self.proj(features.flatten(2).transpose(1, 2)) + self.pos  # (B, G, D)
         queries = self.queries.expand(features.shape[0], -1, -1)  # (B, P, D)
         out = self.blocks(torch.cat([tokens, queries], dim=1))  # (B, G + P, D)

@@ -29,6 +29,8 @@ from training.tune.search import (
     SCHEDULER_FILE,
     TRIALS_FILE,
     SearchSettings,
+    TrialSummary,
+    rank,
     search,
     train_best,
 )
@@ -157,3 +159,17 @@ def test_detector_search_reports_map_per_epoch_and_survives_a_failing_trial(
     assert max(m.value for m in history) == pytest.approx(good.score)
     assert finished[0].data.tags["git_commit"] == parent.data.tags["git_commit"]
     assert yaml.safe_load((tmp_path / "search" / BEST_FILE).read_text())["train"]["epochs"] == 2
+
+
+def test_a_trial_that_failed_after_scoring_is_listed_but_never_best() -> None:
+    """The trial scored best, then failed exporting its model (as P = 16 once did): nothing to register."""
+    trials = [
+        TrialSummary("stopped", {}, "stopped", 0.3, 1),
+        TrialSummary("crashed", {}, "failed", 2.9, 4, error="export failed"),
+        TrialSummary("unscored", {}, "failed", None, 0, error="cannot fill one batch"),
+        TrialSummary("finished", {}, "finished", 1.8, 4),
+    ]
+    ranked, best = rank(trials)
+    assert [t.trial_id for t in ranked] == ["finished", "stopped", "crashed", "unscored"]
+    assert best is not None and best.trial_id == "finished"
+    assert rank(trials[1:3]) == ([trials[1], trials[2]], None)

@@ -75,6 +75,27 @@ def test_an_export_of_another_model_is_refused(exported: Path, tmp_path: Path) -
         OrtCaptioner(mixed)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("prefix_len=9",),  # 8 x 8 encoder grid -> 3 x 3 cells
+        ("prefix_len=6",),  # -> 2 x 3
+        ("mapping.type=transformer", "mapping.grid=3", "prefix_len=5"),
+    ],
+)
+def test_prefix_grids_that_do_not_divide_the_encoder_grid_export(
+    tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    """The search tries prefix lengths whose grid does not divide the encoder's (7 x 7 -> 4 x 4 for P = 16):
+    adaptive pooling failed to export there, after the trial had trained."""
+    model, folder = saved_tiny(tmp_path / "artifact", *overrides)
+    export_onnx(model, folder)
+    pixels = torch.randn(2, *model.preprocess.output_shape, generator=torch.Generator().manual_seed(4))
+    (prefix,) = OrtCaptioner(folder).encoder.run(None, {"pixels": pixels.numpy()})
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.from_numpy(prefix), model.encode(pixels), rtol=1e-4, atol=1e-5)
+
+
 def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     """The exporter restores each wrapper's training flag recursively; a wrapper left in train mode once
     switched the exported model's dropout on (found by running the service tests in another order)."""

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from snap2caption.config import ConfigError
 from snap2caption.models.caption.config import CaptionConfig
-from snap2caption.models.caption.model import CaptionModel, build_caption_model
+from snap2caption.models.caption.model import CaptionModel, adaptive_pool, build_caption_model
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
 from tests.snap2caption.models.caption.conftest import CONFIGS, TARGETS, TINY
 
@@ -134,6 +134,21 @@ def test_prefix_shapes_and_features_path(random_model: CaptionModel, pixels: tor
     assert transformer.encode(pixels).shape == (3, 4, 32)
     with pytest.raises(ValueError, match="exactly one"):
         random_model.encode(pixels, features=features)
+
+
+@pytest.mark.parametrize(
+    ("size", "grid"),
+    [((7, 7), (4, 4)), ((7, 7), (5, 5)), ((7, 7), (2, 5)), ((8, 8), (3, 3)), ((5, 9), (3, 2))],
+)
+def test_pooling_to_any_grid_equals_adaptive_average_pooling(
+    size: tuple[int, int], grid: tuple[int, int]
+) -> None:
+    """The mapping's pooling (written as matrix products so that it exports) is adaptive average pooling."""
+    features = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        adaptive_pool(features, grid), torch.nn.functional.adaptive_avg_pool2d(features, grid)
+    )
+    assert adaptive_pool(features, size) is features
 
 
 def test_loss_ignores_prefix_and_padding(random_model: CaptionModel, pixels: torch.Tensor) -> None:
