@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,9 @@ from result_json import BenchRecord, add_out_argument
 from serving import free_port, synth_images
 
 
-def gateway_rate(images: list[bytes], workdir: Path, warmup: int) -> tuple[float, int]:
-    """Images/s of ``/v1/analyze`` one request at a time, and the number of failed answers."""
+def gateway_rate(images: list[bytes], workdir: Path, warmup: int) -> tuple[float, dict[str, int]]:
+    """Images/s of ``/v1/analyze`` one request at a time, and the failed answers and missing features by
+    reason."""
     from snap2caption.launcher import ServiceSpec, start_services, stop_services
 
     ports = {name: free_port() for name in ("captioner", "detector", "gateway")}
@@ -64,15 +66,19 @@ def gateway_rate(images: list[bytes], workdir: Path, warmup: int) -> tuple[float
             post = {"headers": {"content-type": "image/jpeg"}}
             for data in images[:warmup]:
                 client.post("/v1/analyze", content=data, **post)
-            failed = 0
+            failures: Counter[str] = Counter()
             start = time.perf_counter()
             for data in images:
                 answer = client.post("/v1/analyze", content=data, **post)
-                failed += answer.status_code != 200 or bool(answer.json().get("errors"))
+                body = answer.json()
+                if answer.status_code != 200:
+                    failures[f"{answer.status_code} {body.get('error', {}).get('code')}"] += 1
+                for error in body.get("errors") or []:  # a feature the answer lacks, and why
+                    failures[f"{error.get('feature')}: {error.get('code')}"] += 1
             seconds = time.perf_counter() - start
     finally:
         stop_services(running)
-    return len(images) / seconds, failed
+    return len(images) / seconds, dict(failures)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -106,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         folder = workdir / "synth" / "images"
 
         rate, failed = gateway_rate(images, workdir, args.warmup)
-        print(f"gateway /v1/analyze, one at a time: {rate:.2f} images/s ({failed} failed)", flush=True)
+        print(f"gateway /v1/analyze, one at a time: {rate:.2f} images/s (failures: {failed or 'none'})",
+              flush=True)  # fmt: skip
 
         config = BackfillConfig(
             folder, workdir / "out", options=ModelOptions(tracking_uri=uri), batch_size=args.batch_size,

@@ -36,6 +36,7 @@ from snap2caption.backfill.stages import (
     TagStage,
     alt_text_batch,
     decode_batch,
+    finish_batch,
 )
 from snap2caption.imaging import DEFAULT_LIMITS, DecodeLimits
 from snap2caption.models.runtime import RuntimeChoice
@@ -43,6 +44,7 @@ from snap2caption.models.runtime import RuntimeChoice
 logger = logging.getLogger(__name__)
 
 REGISTERED = {"caption": "captioner", "tags": "tagger", "objects": "detector"}  # part -> registered model
+FINISH_CPUS = 0.1  # Ray CPUs of the last step (alt text, dropping the pixels)
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ def _run(
             num_cpus=config.actor_cpus,
             batch_size=batch,
         )
+    alt_text = None
     if "alt_text" in config.features:
         alt_text = functools.partial(
             alt_text_batch,
@@ -248,8 +251,11 @@ def _run(
             max_chars=config.alt_text_max_chars,
             gender_neutral_=config.gender_neutral,
         )
-        ds = ds.map_batches(alt_text, batch_size=batch, num_cpus=config.decode_cpus)
-    ds = ds.drop_columns(["pixels"])  # the driver gets text and numbers only
+    # Light Python, so a small reservation: it must fit beside the model actors, which hold their CPUs
+    # until the input ends. A step that did not fit (Ray's drop_columns reserves a whole CPU) held every
+    # finished row back until then: no parts written, no progress, the rows piling up in the object store.
+    finish = functools.partial(finish_batch, alt_text=alt_text)
+    ds = ds.map_batches(finish, batch_size=batch, num_cpus=FINISH_CPUS)
 
     results = PartWriter(config.out / RESULTS, RESULT_SCHEMA)
     quarantine = PartWriter(config.out / QUARANTINE, QUARANTINE_SCHEMA)

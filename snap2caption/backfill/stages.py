@@ -340,3 +340,11 @@ def alt_text_batch(batch: Batch, min_confidence: float, max_chars: int, gender_n
             text[i] = gender_neutral(alt.text) if gender_neutral_ else alt.text
             source[i] = alt.source
     return {**batch, "alt_text": text, "alt_text_source": source}
+
+
+def finish_batch(batch: Batch, alt_text: Callable[[Batch], Batch] | None = None) -> Batch:
+    """The pipeline's last step: alt text (when asked for), then the pixels dropped, so that the driver
+    receives text and numbers only."""
+    if alt_text is not None:
+        batch = alt_text(batch)
+    return {name: values for name, values in batch.items() if name != "pixels"}
