@@ -35,7 +35,7 @@ def test_smoke_run_writes_its_result(
     assert figures == returned
     assert figures["gateway"] == {
         "images_per_s": figures["gateway"]["images_per_s"],
-        "failed": 0,
+        "failed": {},  # no failed answer, no feature left out
         "images": 4,
     }
     assert figures["gateway"]["images_per_s"] > 0
