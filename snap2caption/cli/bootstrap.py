@@ -40,11 +40,12 @@ if TYPE_CHECKING:
     from snap2caption.registry import Registry
 
 # Stage 0 packages the tagger (two threads, ~25 s) and caches the caption encoder's features (one thread,
-# ~1 min) side by side, in the first _PREP_MIN minutes; stage 1 trains the captioner and the detector side by
-# side, one thread each, for the rest of the budget: on 2 cores each gets a whole core for ~7 minutes, which
-# trains more than two threads for half the time each (small matmuls scale poorly across threads). With the
-# features cached first, the captioner's budget is all training: a short budget trains fewer steps instead
-# of running out while it extracts features (measured at load 7: 167 s of features, 0 steps in 2.5 min).
+# ~105 s for the 6,000 scenes) side by side, in about the first _PREP_MIN minutes; stage 1 trains the
+# captioner and the detector side by side, one thread each, for the rest of the budget: on 2 cores each gets
+# a whole core for ~7 minutes, which trains more than two threads for half the time each (small matmuls
+# scale poorly across threads). With the features cached first, the captioner's budget is all training: a
+# short budget trains fewer steps instead of running out while it extracts features (measured at load 7:
+# 167 s of features, 0 steps in 2.5 min).
 _PREP_MIN = 1.5
 
 

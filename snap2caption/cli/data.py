@@ -12,7 +12,7 @@ def data() -> None:
 
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--images", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option("--images", default=6000, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=64))
 @click.option(

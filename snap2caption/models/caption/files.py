@@ -45,8 +45,16 @@ DECODER_INT8_FILE = "onnx/decoder.int8.onnx"
 IMAGE_MAX_SIDE_KEY = "image_max_side"
 
 
+# Architecture settings added to ``config.json``'s ``model`` after format version 1 was first written, with
+# the value that rebuilds what an artifact written before them holds (their defaults today may differ).
+_ADDED_SETTINGS: dict[tuple[str, str], Any] = {("encoder", "colour_cells"): 0}
+
+
 def read_artifact_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """``config.json`` of an artifact, its format checked (no verification of hashes).
+
+    Settings added to the architecture since the format was first written are filled in, when missing,
+    with the value an older artifact was built with.
 
     Raises:
         ArtifactError: Unreadable, or not a caption artifact of this format version.
@@ -60,6 +68,10 @@ def read_artifact_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not a {FORMAT} artifact")
     if info.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {info.get('format_version')} is not {FORMAT_VERSION}")
+    model = info.get("model")
+    for (section, key), value in _ADDED_SETTINGS.items():
+        if isinstance(model, dict) and isinstance(model.get(section), dict):
+            model[section].setdefault(key, value)
     return info
 
 

@@ -31,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from snap2caption.config import ConfigError
 from snap2caption.imaging.transforms import Preprocess
-from snap2caption.models.backbones import build_encoder
+from snap2caption.models.backbones import adaptive_pool, build_encoder
 from snap2caption.models.caption.config import CaptionConfig, MappingConfig
 from snap2caption.models.caption.decoding import (
     BeamBook,
@@ -53,31 +53,6 @@ def _prefix_grid(prefix_len: int) -> tuple[int, int]:
     """(gh, gw), gh * gw = P, gh the largest divisor <= sqrt(P): 49 -> (7, 7), 4 -> (2, 2), 10 -> (2, 5)."""
     gh = max(d for d in range(1, math.isqrt(prefix_len) + 1) if prefix_len % d == 0)
     return gh, prefix_len // gh
-
-
-def _pool_weights(size: int, cells: int) -> Tensor:
-    """(cells, size) averaging weights of adaptive average pooling along one axis: cell i averages inputs
-    floor(i * size / cells) .. ceil((i + 1) * size / cells) - 1, as ``F.adaptive_avg_pool2d`` does."""
-    weights = torch.zeros(cells, size)
-    for i in range(cells):
-        lo, hi = (i * size) // cells, -(-(i + 1) * size // cells)
-        weights[i, lo:hi] = 1.0 / (hi - lo)
-    return weights
-
-
-def adaptive_pool(features: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``F.adaptive_avg_pool2d(features, grid)`` as two matrix products, (B, C, h, w) -> (B, C, gh, gw).
-
-    The ONNX exporter translates adaptive pooling only where the grid divides the input (7 x 7 -> 7 x 7, not
-    7 x 7 -> 4 x 4), and the search tries prefix lengths of every square grid; the encoder's grid is fixed by
-    the preprocessing, so the weights are constants of the exported graph.
-    """
-    h, w = int(features.shape[-2]), int(features.shape[-1])
-    if (h, w) == grid:
-        return features
-    rows = _pool_weights(h, grid[0]).to(features)  # (gh, h)
-    cols = _pool_weights(w, grid[1]).to(features)  # (gw, w)
-    return rows @ features @ cols.T  # (B, C, gh, gw)
 
 
 class MlpMapping(nn.Module):
@@ -178,6 +153,7 @@ class CaptionModel(nn.Module):
             config.encoder.name,
             pretrained=config.encoder.pretrained if load_pretrained else False,
             trainable=config.encoder.trainable,
+            colour_cells=config.encoder.colour_cells,
         )
         # What the weights were trained with; artifact loading restores the saved one.
         self.preprocess: Preprocess = self.encoder.preprocess

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snap2caption.cli.up import DEFAULT_PORTS, UpSettings, write_prometheus_config
+from snap2caption.cli.up import (
+    DEFAULT_PORTS,
+    HELD_OUT_FRACTION,
+    SYNTH_SCENES,
+    UpSettings,
+    write_prometheus_config,
+)
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[3]
@@ -60,6 +66,12 @@ def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- settings
+
+
+def test_the_data_without_dvc_is_the_pipelines() -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["synth"]["images"] == SYNTH_SCENES and params["synth"]["seed"] == 0
+    assert params["etl"]["val_fraction"] == params["etl"]["test_fraction"] == HELD_OUT_FRACTION
 
 
 def test_default_ports() -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from snap2caption.models.backbones import (
+    ColourGridEncoder,
     EfficientNetLite0Encoder,
     ImageEncoder,
     WeightsMismatchError,
@@ -190,3 +191,20 @@ def test_bad_arguments_are_refused() -> None:
         build_encoder("tiny", pretrained=True)
     with pytest.raises(ValueError, match="fixed 1000-class"):
         build_encoder("efficientnet_lite0", num_classes=10)
+
+
+def test_colour_grid_appends_each_cells_sub_cell_colours() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny", trainable="last", colour_cells=2)
+    assert isinstance(encoder, ColourGridEncoder)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        grid = encoder(pixels)
+        base = encoder.base(pixels)
+    assert encoder.name == "tiny+colour2" and encoder.out_channels == 32 + 12
+    assert grid.shape == (2, 44, 8, 8) and torch.equal(grid[:, :32], base)
+    # Cell (row 1, column 5) covers pixels 8..15 x 40..47; its sub-cell (1, 0) pixels 12..15 x 40..43.
+    colours = grid[:, 32:].reshape(2, 3, 4, 8, 8)[:, :, 2, 1, 5]  # (B, 3): channel index c * 4 + 1 * 2 + 0
+    torch.testing.assert_close(colours, pixels[:, :, 12:16, 40:44].mean(dim=(2, 3)))
+    last = _trainable(build_encoder("tiny", trainable="last"))
+    assert last and _trainable(encoder) == {f"base.{name}" for name in last}

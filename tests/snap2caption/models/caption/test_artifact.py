@@ -71,6 +71,20 @@ def test_reload_reproduces_captions_exactly(
         assert decoded(loaded, pixels, num_beams=num_beams) == decoded(model, pixels, num_beams=num_beams)
 
 
+def test_an_artifact_written_before_colour_cells_existed_loads_as_it_was_built(
+    saved: Path, model: CaptionModel, pixels: torch.Tensor
+) -> None:
+    """Today's default appends colour cells; an older config.json without the key still means none."""
+    assert model.config.encoder.colour_cells == 0 and CaptionConfig().encoder.colour_cells > 0
+    info = json.loads((saved / "config.json").read_text())
+    del info["model"]["encoder"]["colour_cells"]
+    (saved / "config.json").write_text(json.dumps(info))
+    write_manifest(saved)
+    loaded, _ = load_caption_model(saved)
+    assert loaded.config == model.config
+    assert decoded(loaded, pixels) == decoded(model, pixels)
+
+
 def test_lora_artifact_is_merged_and_loads_without_its_base(
     tmp_path: Path, tok: CaptionTokenizer, pixels: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
