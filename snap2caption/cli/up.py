@@ -44,9 +44,9 @@ DEFAULT_PORTS = {
     "mlflow": 5000,
 }
 _PORTS_HINT = " (choose others with SNAP2CAPTION_BASE_PORT or SNAP2CAPTION_<SERVICE>_PORT)"
-# params.yaml's synth and ETL settings, for a checkout without DVC (an installed package); a test keeps
-# them equal.
-SYNTH_SCENES, HELD_OUT_FRACTION = 6000, 0.05
+# params.yaml's held-out shares (its scene count is SynthConfig's default), for a checkout without DVC (an
+# installed package); a test keeps them equal.
+HELD_OUT_FRACTION = 0.05
 # With SNAP2CAPTION_BASE_PORT: the stack on base .. base+5, in this order.
 BASE_OFFSETS = {"gateway": 0, "captioner": 1, "detector": 2, "etl": 3, "prometheus": 4, "mlflow": 5}
 
@@ -188,7 +188,7 @@ def _build_data(root: Path, log_dir: Path) -> None:
         synth_dir, out_dir = root / "data" / "synth", root / "data" / "processed"
         if not (synth_dir / "annotations" / "captions.json").exists():
             click.echo("== data: synthesising scenes")
-            write_synth(synth_dir, SynthConfig(images=SYNTH_SCENES, seed=0), progress=False)
+            write_synth(synth_dir, SynthConfig(seed=0), progress=False)
         click.echo("== data: ETL")
         ann = synth_dir / "annotations"
         run_etl(

@@ -107,7 +107,7 @@ class SynthConfig:
     """What to generate. Every field is saved beside the dataset in ``synth_config.json``.
 
     Attributes:
-        images: Number of images.
+        images: Number of images (the default is the benchmark's, as ``params.yaml`` generates it).
         seed: Base seed (>= 0); image ``i`` draws from an RNG seeded by ``(seed, i)``.
         image_size: Side of the square images in pixels.
         min_objects: Fewest objects per scene (always met).
@@ -119,7 +119,7 @@ class SynthConfig:
         workers: Processes for rendering; None uses every core. Output does not depend on it.
     """
 
-    images: int = 2000
+    images: int = 6000
     seed: int = 0
     image_size: int = 256
     min_objects: int = 1

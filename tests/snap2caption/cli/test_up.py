@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from snap2caption.cli.data import data
 from snap2caption.cli.up import (
     DEFAULT_PORTS,
     HELD_OUT_FRACTION,
-    SYNTH_SCENES,
     UpSettings,
     write_prometheus_config,
 )
+from snap2caption.data.synth import SynthConfig
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[3]
@@ -70,7 +71,10 @@ def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 def test_the_data_without_dvc_is_the_pipelines() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert params["synth"]["images"] == SYNTH_SCENES and params["synth"]["seed"] == 0
+    assert params["synth"]["images"] == SynthConfig().images and params["synth"]["seed"] == 0
+    # `data synth`'s default, written out so that the CLI does not import the renderer at start-up.
+    images = next(p for p in data.commands["synth"].params if p.name == "images")
+    assert images.default == SynthConfig().images
     assert params["etl"]["val_fraction"] == params["etl"]["test_fraction"] == HELD_OUT_FRACTION
 
 
