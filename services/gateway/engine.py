@@ -499,12 +499,14 @@ class Gateway:
         options: AnalyzeOptions,
     ) -> AltTextResult | None:
         """The caption when the captioner is in its domain and sure enough, else "Image may contain: ..."
-        from the tags and, when the detector is in its domain for the image, the objects' classes."""
+        from the tags and, when neither the detector nor the captioner places the image outside its
+        domain, the objects' classes."""
         # Labels best first: tags, then objects by score (the detector sorts them).
         labels = alt_text_labels(
             [t.name for t in tags or []],
             [o.label for o in objects or []],
             objects_in_domain=objects_domain.in_domain if objects_domain else None,
+            caption_in_domain=caption.in_domain if caption else None,
         )
         alt = make_alt_text(
             caption.text if caption else None,

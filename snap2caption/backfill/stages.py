@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from PIL import Image
 
-from snap2caption.alt_text import gender_neutral, make_alt_text
+from snap2caption.alt_text import alt_text_labels, gender_neutral, make_alt_text
 from snap2caption.api import Feature
 from snap2caption.errors import ImageError
 from snap2caption.hashing import sha256_file
@@ -318,28 +318,40 @@ class ObjectStage:
 
 def alt_text_batch(batch: Batch, min_confidence: float, max_chars: int, gender_neutral_: bool) -> Batch:
     """The gateway's alt text for each accepted row: the caption when in the captioner's domain and
-    confident, else its labels (never a caption of an image outside the captioner's domain)."""
+    confident, else its labels (never a caption of an image outside the captioner's domain, and objects
+    only when no model places the image outside its domain: :func:`alt_text_labels`)."""
     n = len(batch["key"])
     text: list[str | None] = [None] * n
     source: list[str | None] = [None] * n
     for i in _ok(batch):
-        labels = [t["name"] for t in json.loads(batch["tags"][i] or "[]")]
-        labels += [o["label"] for o in json.loads(batch["objects"][i] or "[]")]
         caption = batch["caption"][i]
         confidence = batch["caption_confidence"][i]
-        in_domain = batch["caption_in_domain"][i] if "caption_in_domain" in batch else None
+        in_domain = _domain_answer(batch, "caption_in_domain", i)
+        labels = alt_text_labels(
+            [t["name"] for t in json.loads(batch["tags"][i] or "[]")],
+            [o["label"] for o in json.loads(batch["objects"][i] or "[]")],
+            objects_in_domain=_domain_answer(batch, "objects_in_domain", i),
+            caption_in_domain=in_domain,
+        )
         alt = make_alt_text(
             caption or None,
             None if confidence is None else float(confidence),
             labels,
             min_confidence=min_confidence,
             max_chars=max_chars,
-            caption_in_domain=None if in_domain is None else bool(in_domain),
+            caption_in_domain=in_domain,
         )
         if alt is not None:
             text[i] = gender_neutral(alt.text) if gender_neutral_ else alt.text
             source[i] = alt.source
     return {**batch, "alt_text": text, "alt_text_source": source}
+
+
+def _domain_answer(batch: Batch, column: str, i: int) -> bool | None:
+    """Row ``i``'s domain answer in ``column`` as a Python bool (the batch may hold numpy booleans, for
+    which ``is False`` never holds); None when the column is absent or the model has no domain model."""
+    value = batch[column][i] if column in batch else None
+    return None if value is None else bool(value)
 
 
 def finish_batch(batch: Batch, alt_text: Callable[[Batch], Batch] | None = None) -> Batch:

@@ -125,6 +125,16 @@ def test_a_caption_outside_the_captioners_domain_is_never_used_and_out_of_domain
     assert alt_text_labels(["cat"], ["square"], objects_in_domain=False) == ["cat"]
     assert alt_text_labels(["cat"], ["square"], objects_in_domain=True) == ["cat", "square"]
     assert alt_text_labels(["cat"], ["square"]) == ["cat", "square"]
+    # A captioner that finds the image outside its domain vetoes the objects too, whatever the detector says.
+    for objects_in_domain in (True, None):
+        got = alt_text_labels(
+            ["cat"], ["square"], caption_in_domain=False, objects_in_domain=objects_in_domain
+        )
+        assert got == ["cat"]
+    assert alt_text_labels(["cat"], ["square"], objects_in_domain=True, caption_in_domain=True) == [
+        "cat",
+        "square",
+    ]
 
 
 def test_caption_note_says_why_a_caption_is_not_the_alt_text() -> None:

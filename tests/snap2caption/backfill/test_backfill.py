@@ -14,11 +14,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE, make_alt_text
+from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE, alt_text_labels, make_alt_text
 from snap2caption.backfill import BackfillConfig, run_backfill
 from snap2caption.backfill.job import FINISH_CPUS
 from snap2caption.backfill.output import QUARANTINE, RESULTS, read_results
@@ -102,7 +103,12 @@ def test_rows_quarantine_resume_and_idempotence(tmp_path: Path, registry_uri: st
             box = obj["box"]
             assert 0 <= box["x1"] <= box["x2"] <= 96 and 0 <= box["y1"] <= box["y2"] <= 72
         # The gateway's alt-text rules on this row's own caption and labels.
-        labels = [t["name"] for t in row["tags"]] + [o["label"] for o in row["objects"]]
+        labels = alt_text_labels(
+            [t["name"] for t in row["tags"]],
+            [o["label"] for o in row["objects"]],
+            objects_in_domain=row["objects_in_domain"],
+            caption_in_domain=row["caption_in_domain"],
+        )
         expected = make_alt_text(
             row["caption"],
             row["caption_confidence"],
@@ -199,6 +205,30 @@ def test_alt_text_never_uses_a_caption_outside_the_captioners_domain() -> None:
     out = alt_text_batch(batch, min_confidence=0.35, max_chars=125, gender_neutral_=False)
     assert out["alt_text"] == ["Image may contain: tabby cat.", None, "A red circle.", "A red circle."]
     assert out["alt_text_source"] == ["fallback", None, "caption", "caption"]
+
+
+def test_alt_text_names_objects_only_when_no_model_places_the_image_outside_its_domain() -> None:
+    """Unsure captions fall back to tags and objects; the objects' classes are left out when the captioner
+    rejects the image even though the detector passed it. The domain columns come as numpy booleans, as in
+    a pipeline batch (``np.False_ is False`` does not hold)."""
+    square = json.dumps([{"label": "square", "score": 0.8, "box": {}}])
+    batch = {
+        "key": ["a", "b", "c", "d"],
+        "error": [None, None, None, None],
+        "caption": ["a small orange square"] * 4,
+        "caption_confidence": [0.1] * 4,
+        "caption_in_domain": np.array([np.False_, np.True_, None, np.True_], dtype=object),
+        "objects_in_domain": np.array([np.True_, np.True_, None, np.False_], dtype=object),
+        "tags": [json.dumps([{"name": "moon"}])] * 4,
+        "objects": [square, square, square, "[]"],
+    }
+    out = alt_text_batch(batch, min_confidence=0.35, max_chars=125, gender_neutral_=False)
+    assert out["alt_text"] == [
+        "Image may contain: moon.",
+        "Image may contain: moon and square.",
+        "Image may contain: moon and square.",
+        "Image may contain: moon.",
+    ]
 
 
 def test_the_last_step_fits_beside_the_model_actors_on_two_cores() -> None:
