@@ -46,11 +46,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
-    """CPU session options: ``threads`` intra-op threads, one inter-op thread, no spin-waiting, no arena.
+def session_options(threads: int = 1, *, spin: bool = False) -> onnxruntime.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads, one inter-op thread, no arena, and the intra-op
+    threads sleeping between ops unless ``spin``.
 
-    Spinning is off because the cores are shared (other services, other models): a spinning thread burns
-    time another process needs.
+    Sleeping is the default because the cores are shared (other services, other models): a spinning thread
+    burns time another process needs, and each session has a pool of its own, so even a second session of
+    the same process (the caption encoder's, spinning after its call) takes a core from the one running
+    next. ``spin`` pays off for a session called many times in a row with ops too small to hide a wake-up
+    each, a decoder step, on cores the process has to itself: :func:`decoder_session_options`.
     """
     import onnxruntime as ort
 
@@ -61,12 +65,22 @@ def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     # No memory arena: it keeps the largest batch's buffers for good. Measured on the starter captioner
     # (batches of 1-16): peak RSS 363 MB without it vs 548 MB with it, the same speed within noise
     # (b16 607 vs 585 ms, b1 45.5 vs 43.3 ms, then 746 vs 780 and 52.2 vs 53.7 in a second round).
     options.enable_cpu_mem_arena = False
     return options
+
+
+def decoder_session_options(threads: int = 1) -> onnxruntime.SessionOptions:
+    """Options of an autoregressive decoder's session: as :func:`session_options`, spinning when it has
+    several threads. One thread (the services' default on shared cores, ``snap2caption.serving.threads``)
+    has no pool to spin; several are what a service is given when it has the cores to itself, and then
+    sleeping between ops costs a wake-up per op, which a decoder step of a few hundred small ops pays in
+    full: the paper-size int8 GPT-2 step at 2 threads took 5.9-6.2 ms sleeping and 4.3 ms spinning (quiet
+    machine, ~20 tokens of past)."""
+    return session_options(threads, spin=threads > 1)
 
 
 def ort_session(

@@ -353,7 +353,7 @@ def _greedy(
     logprob_sum = np.zeros(batch, np.float32)
     n_scored = np.zeros(batch, np.int64)
     rows = np.arange(batch)
-    for _ in range(settings.max_new_tokens):
+    for t in range(settings.max_new_tokens):
         raw = log_softmax(logits)  # (B, V) the model's own distribution
         nxt = process_logits(logits, generated, special, settings).argmax(axis=-1)  # (B,)
         nxt = np.where(finished, special.pad, nxt)
@@ -362,7 +362,7 @@ def _greedy(
         n_scored += live
         generated = np.concatenate([generated, nxt[:, None]], axis=1)
         finished |= nxt == special.eos
-        if finished.all():
+        if finished.all() or t + 1 == settings.max_new_tokens:  # no step for a token never chosen
             break
         logits, cache = decoder.step(decoder.embed(nxt), cache)
     return [

@@ -421,7 +421,7 @@ class CaptionModel(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         logprob_sum = torch.zeros(batch, device=device)  # raw log-probs of the chosen tokens
         n_scored = torch.zeros(batch, dtype=torch.long, device=device)
-        for _ in range(settings.max_new_tokens):
+        for t in range(settings.max_new_tokens):
             raw = torch.log_softmax(logits, dim=-1)  # (B, V) the model's own distribution
             nxt = self._process_logits(logits, generated, settings).argmax(dim=-1)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
@@ -430,7 +430,7 @@ class CaptionModel(nn.Module):
             n_scored += live.long()
             generated = torch.cat([generated, nxt[:, None]], dim=1)
             finished |= nxt == eos
-            if bool(finished.all()):
+            if bool(finished.all()) or t + 1 == settings.max_new_tokens:  # no step for a token never chosen
                 break
             logits, cache, sequence = self._advance(nxt, cache, sequence, use_cache)
         return [

@@ -180,7 +180,7 @@ def open_sessions(
         ValueError: A file is missing (``int8``: the int8 decoder), or an export of another model.
         ProviderUnavailable: An execution provider asked for by name that this machine cannot run.
     """
-    from snap2caption.models.onnx_io import ort_session, session_metadata
+    from snap2caption.models.onnx_io import decoder_session_options, ort_session, session_metadata
 
     decoder_file = DECODER_INT8_FILE if int8 else DECODER_FILE
     for name in (ENCODER_FILE, decoder_file):
@@ -192,7 +192,9 @@ def open_sessions(
     encoder = ort_session(folder / ENCODER_FILE, threads=threads, providers=providers)
     # Never TensorRT: the KV cache's length changes at every step (snap2caption.models.providers).
     decoder_providers = dataclasses.replace(providers, tensorrt=False)
-    decoder = ort_session(folder / decoder_file, threads=threads, providers=decoder_providers)
+    decoder = ort_session(
+        folder / decoder_file, options=decoder_session_options(threads), providers=decoder_providers
+    )
     for session, part in ((encoder, "encoder"), (decoder, "decoder")):
         metadata = session_metadata(session)
         found = {k: json.loads(metadata[k]) for k in sizes if k in metadata}

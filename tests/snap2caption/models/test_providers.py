@@ -14,7 +14,12 @@ import onnxruntime as ort
 import pytest
 
 from snap2caption.errors import ProviderUnavailable
-from snap2caption.models.onnx_io import cpu_session, ort_session
+from snap2caption.models.onnx_io import (
+    cpu_session,
+    decoder_session_options,
+    ort_session,
+    session_options,
+)
 from snap2caption.models.providers import (
     CPU,
     CUDA,
@@ -179,3 +184,20 @@ def test_a_provider_that_did_not_start_is_an_error_unless_auto(caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="snap2caption.models.providers"):
         check_session_providers("auto", [TENSORRT, CUDA, CPU], [CUDA, CPU], "m.onnx")
     assert "TensorrtExecutionProvider" in caplog.text and "could not start" in caplog.text
+
+
+def test_only_a_decoder_with_a_pool_spins_between_ops() -> None:
+    """Sessions sleep between ops (shared cores; a spinning pool takes a core from the next session); a
+    decoder's session with several threads spins (a step of small ops pays a wake-up for each otherwise),
+    with one it has no pool to spin."""
+    spinning = "session.intra_op.allow_spinning"
+    for threads in (1, 2):
+        options = session_options(threads)
+        assert options.intra_op_num_threads == threads and not options.enable_cpu_mem_arena
+        assert options.get_session_config_entry(spinning) == "0"
+        decoder = decoder_session_options(threads)
+        assert decoder.intra_op_num_threads == threads and not decoder.enable_cpu_mem_arena
+        assert decoder.get_session_config_entry(spinning) == ("1" if threads > 1 else "0")
+    assert session_options(2, spin=True).get_session_config_entry(spinning) == "1"
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        session_options(0)

@@ -62,6 +62,31 @@ def test_numpy_loop_captions_equal_the_torch_loop(artifact: Path, name: str) -> 
     assert any(c.n_tokens > 0 for c in got)
 
 
+def test_greedy_decoding_runs_the_decoder_once_per_token_it_chooses(artifact: Path) -> None:
+    """N tokens cost the prompt call and N - 1 one-token steps, in both loops: a step after the last token
+    would compute logits for a token that is never chosen (5 % of a 20-token caption's time)."""
+    settings = DecodingConfig(max_new_tokens=6, min_new_tokens=6, num_beams=1)  # exactly 6, EOS held off
+    runtime = OrtCaptioner(artifact)
+    runtime.decoding = settings
+    model, _ = load_caption_model(artifact)
+    model.config.decoding = settings
+    shape = (2, *runtime.preprocess.output_shape)
+    pixels = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    for name, decoder in (("onnx", runtime), ("torch", model)):
+        positions: list[int] = []
+        step = decoder.step
+
+        def counted(embeds: Any, cache: Any, _step: Any = step, **kwargs: Any) -> Any:
+            positions.append(int(embeds.shape[1]))  # noqa: B023 (called within this iteration)
+            return _step(embeds, cache, **kwargs)
+
+        decoder.step = counted  # type: ignore[method-assign]
+        with torch.inference_mode():
+            captions = decoder.generate(pixels if name == "onnx" else torch.from_numpy(pixels))
+        assert [len(c.token_ids) for c in captions] == [6, 6], name
+        assert positions == [runtime.prefix_len + 1, 1, 1, 1, 1, 1], name
+
+
 def test_settings_are_checked_like_the_torch_model(artifact: Path) -> None:
     runtime = OrtCaptioner(artifact)
     pixels = np.zeros((1, *runtime.preprocess.output_shape), np.float32)
