@@ -40,6 +40,7 @@ from snap2caption.models.caption.calibration import (
     expected_calibration_error,
     fit_platt,
 )
+from snap2caption.models.caption.decoding import repeated_bigrams
 from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, build_tokenizer
@@ -59,11 +60,19 @@ from training.caption.data import CaptionPairs, SplitData, image_loader, manifes
 from training.caption.evaluate import EvalResult, evaluate_split, pairs_right
 from training.caption.features import cached_features
 from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
-from training.caption.train import CaptionTrainer, TrainState, auto_threads, resolve_device
+from training.caption.train import (
+    CaptionTrainer,
+    TrainState,
+    auto_threads,
+    resolve_device,
+    resolve_precision,
+)
 from training.distributed.strategy import SingleProcess
 from training.provenance import dataset_version, git_commit
 
 if TYPE_CHECKING:
+    from snap2caption.models.caption.config import CaptionConfig
+    from snap2caption.models.caption.tokenizer import CaptionTokenizer
     from snap2caption.registry import ModelVersionInfo
     from training.callbacks.mlflow import MlflowCallback
 
@@ -159,6 +168,7 @@ def train_caption(
     strategy = strategy or SingleProcess()
     timings: dict[str, float] = {}
     device = setup_device(config)
+    config = with_precision(config, device)
     checkpoint = open_checkpoints(config, owner=strategy.is_main)
     splits = load_splits(config)
     if not strategy.is_main:
@@ -244,6 +254,16 @@ def train_caption(
 # ============================================================================================== phases
 
 
+def with_precision(config: CaptionRunConfig, device: torch.device) -> CaptionRunConfig:
+    """The config with ``train.precision`` resolved for ``device`` (``auto`` -> bf16 or fp32), so that what
+    is tracked, checkpointed and written in the model card is the precision the run used."""
+    precision = resolve_precision(config.train.precision, device)
+    if precision != config.train.precision:
+        logger.info("train.precision %s -> %s on %s", config.train.precision, precision, device)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+    return config
+
+
 def setup_device(config: CaptionRunConfig) -> torch.device:
     """Torch's intra-op threads (``train.threads``, or the idle cores) and the training device."""
     torch.set_num_threads(config.train.threads or auto_threads())
@@ -302,10 +322,25 @@ def build_model(
         tokenizer = checkpoint.tokenizer
     else:
         tokenizer = build_tokenizer(config.model, [c for caps in splits.train.captions for c in caps])
-    model = CaptionModel(config.model, tokenizer)
+    model = CaptionModel(with_repeatable_bigrams(config, splits.train, tokenizer), tokenizer)
     if checkpoint is not None:
         checkpoint.load_weights(model)
     return model.to(device)
+
+
+def with_repeatable_bigrams(
+    config: CaptionRunConfig, train: SplitData, tokenizer: CaptionTokenizer
+) -> CaptionConfig:
+    """The model config, with ``decoding.repeatable_bigrams`` learned from the training targets (the first
+    ``train.captions_per_image`` captions of each image) when ``decoding.limit_repeats`` is on."""
+    decoding = config.model.decoding
+    if not decoding.limit_repeats:
+        return config.model
+    keep = config.train.captions_per_image or None
+    targets = (tokenizer.encode(c) for caps in train.captions for c in caps[:keep])
+    pairs = repeated_bigrams(targets)
+    logger.info("decoding.limit_repeats: %d token pairs repeat within a training caption", len(pairs))
+    return dataclasses.replace(config.model, decoding=dataclasses.replace(decoding, repeatable_bigrams=pairs))
 
 
 def training_pairs(

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from snap2caption.models.caption.model import CaptionModel
 from training.callbacks.base import Callback, CallbackList
-from training.caption.config import CaptionRunConfig, TrainConfig
+from training.caption.config import CaptionRunConfig, Precision, TrainConfig
 from training.caption.data import (
     CaptionBatch,
     CaptionCollator,
@@ -57,6 +58,29 @@ def auto_threads() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = cores - os.getloadavg()[0]
     return max(1, min(cores, round(idle)))
+
+
+def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or an x86 CPU whose flags
+    (``/proc/cpuinfo``) list AMX-BF16 or AVX512-BF16; elsewhere bf16 autocast is emulated and slower."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    lines = (line for line in text.splitlines() if line.startswith("flags"))
+    flags = set(next(lines, ":").split(":", 1)[1].split())
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """``train.precision`` as it will run: ``auto`` becomes bf16 on native bf16 hardware, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -157,7 +181,8 @@ class CaptionTrainer:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = device
-        check_precision(self.cfg.precision, device)
+        self.precision = resolve_precision(self.cfg.precision, device)
+        check_precision(self.precision, device)
         self.train_pairs = train_pairs
         self.collate = CaptionCollator(
             self.tokenizer,
@@ -172,7 +197,7 @@ class CaptionTrainer:
         self.forward_module = self.strategy.wrap(model)  # what the training step calls (DDP across ranks)
         self.global_batch = self.cfg.effective_batch * self.strategy.world_size
         self.optimizer = build_optimizer(model, self.cfg)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.steps_per_epoch = len(train_pairs) // self.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -286,7 +311,7 @@ class CaptionTrainer:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16/fp16 autocast on the training device, or nothing for fp32."""
-        dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)

@@ -54,6 +54,9 @@ class MappingConfig:
         num_heads: Transformer attention heads; must divide D (``transformer`` only).
         grid: Side of the pooled grid the transformer attends to (``transformer`` only).
         dropout: Dropout inside the mapping network.
+        coords: Fourier bands of each cell's centre appended to its features (``mlp`` only): the cell's
+            (x, y) in [-1, 1] and their sine and cosine at ``coords`` frequencies (2 + 4 * coords
+            channels); 0 adds none.
     """
 
     type: Literal["mlp", "transformer"] = "mlp"
@@ -62,6 +65,7 @@ class MappingConfig:
     num_heads: int = 4
     grid: int = 7
     dropout: float = 0.0
+    coords: int = 2
 
 
 @dataclass
@@ -174,6 +178,10 @@ class CaptionConfig:
             )
         if min(d.n_layer, d.n_embd, d.n_head, m.hidden, m.num_layers, m.num_heads, m.grid) < 1:
             problems.append("decoder and mapping sizes must all be >= 1")
+        if not 0 <= m.coords <= 8:
+            problems.append(f"mapping.coords must be 0 (off) to 8, got {m.coords}")
+        if m.coords and m.type != "mlp":
+            problems.append("mapping.coords applies to the mlp mapping only (the transformer has its own)")
         if not 0 <= self.encoder.colour_cells <= 8:
             problems.append(f"encoder.colour_cells must be 0 (off) to 8, got {self.encoder.colour_cells}")
         for name, value in (

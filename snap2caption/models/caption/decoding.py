@@ -16,8 +16,9 @@ next (:func:`mask_logits`) and how a decoded row becomes a :class:`Caption` (:fu
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,14 @@ class DecodingConfig:
             negative multiplied). 1 disables it.
         no_repeat_ngram_size: Forbid repeating any n-gram of this size; 0 disables it.
         min_new_tokens: EOS is forbidden before this many tokens.
+        limit_repeats: Learn at training which token pairs the captions repeat (``repeatable_bigrams``);
+            once learned, a pair may occur twice in one caption only if it is one of them. Where the
+            targets never repeat a pair (the synthetic benchmark names each (colour, shape) once: "two red
+            circles", never "a red circle, a red circle"), a decoder that lost count cannot loop back to an
+            object it already named and has to pick its next likeliest token instead.
+        repeatable_bigrams: The token pairs some training caption holds twice or more (``[[first,
+            second], ...]``), written by training when ``limit_repeats`` is on and kept in the artifact;
+            None (nothing learned, e.g. an untrained model or an older artifact) limits nothing.
     """
 
     max_new_tokens: int = 24
@@ -44,6 +53,8 @@ class DecodingConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 1
+    limit_repeats: bool = False
+    repeatable_bigrams: list[list[int]] | None = None
 
 
 def decoding_problems(s: DecodingConfig) -> list[str]:
@@ -56,7 +67,31 @@ def decoding_problems(s: DecodingConfig) -> list[str]:
         problems.append(f"decoding.no_repeat_ngram_size must be >= 0, got {s.no_repeat_ngram_size}")
     if not 0 <= s.min_new_tokens <= s.max_new_tokens:
         problems.append(f"decoding.min_new_tokens must be in [0, max_new_tokens], got {s.min_new_tokens}")
+    if any(len(pair) != 2 or min(pair) < 0 for pair in s.repeatable_bigrams or []):
+        problems.append("decoding.repeatable_bigrams must hold [first, second] pairs of token ids")
     return problems
+
+
+def repeated_bigrams(targets: Iterable[list[int]]) -> list[list[int]]:
+    """The token pairs that occur twice or more in at least one of ``targets`` (token id lists), sorted."""
+    pairs: set[tuple[int, int]] = set()
+    for ids in targets:
+        seen: set[tuple[int, int]] = set()
+        for pair in itertools.pairwise(ids):
+            if pair in seen:
+                pairs.add(pair)
+            seen.add(pair)
+    return [list(pair) for pair in sorted(pairs)]
+
+
+def banned_repeat_tokens(rows: list[list[int]], repeatable: set[tuple[int, int]]) -> list[list[int]]:
+    """For each row of generated tokens, the tokens that would make a pair it already holds occur again,
+    unless that pair is ``repeatable``."""
+    banned = []
+    for tokens in rows:
+        last = tokens[-1] if tokens else None
+        banned.append([b for a, b in itertools.pairwise(tokens) if a == last and (a, b) not in repeatable])
+    return banned
 
 
 @dataclass
@@ -163,8 +198,9 @@ def mask_logits(logits: Any, generated: Rows, special: SpecialTokens, settings: 
     """Forbid, in place, what may not come next in (N, V) logits, a torch tensor or a NumPy array.
 
     BOS and padding are never generated (they are never training targets either); neither is a token that
-    would repeat an n-gram (``no_repeat_ngram_size``), nor EOS before ``min_new_tokens``. Both loops call
-    this after their own repetition penalty.
+    would repeat an n-gram (``no_repeat_ngram_size``) or a pair the training captions never repeat
+    (``limit_repeats``), nor EOS before ``min_new_tokens``. Both loops call this after their own repetition
+    penalty.
     """
     never = sorted({special.bos, special.pad} - {special.eos})  # GPT-2's one special token is also EOS
     logits[:, never] = -math.inf
@@ -172,6 +208,11 @@ def mask_logits(logits: Any, generated: Rows, special: SpecialTokens, settings: 
     n = settings.no_repeat_ngram_size
     if n and n_done + 1 >= n:
         for row, banned in enumerate(banned_ngram_tokens(generated.tolist(), n)):
+            if banned:
+                logits[row, banned] = -math.inf
+    if settings.limit_repeats and settings.repeatable_bigrams is not None and n_done >= 2:
+        repeatable = {(a, b) for a, b in settings.repeatable_bigrams}
+        for row, banned in enumerate(banned_repeat_tokens(generated.tolist(), repeatable)):
             if banned:
                 logits[row, banned] = -math.inf
     if n_done < settings.min_new_tokens:

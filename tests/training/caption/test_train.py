@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from tests.training.caption.conftest import tiny_run
 from training.callbacks.base import Callback
 from training.callbacks.checkpoint import list_checkpoints, read_checkpoint
+from training.caption import train as train_module
 from training.caption.config import TrainConfig
 from training.caption.run import RunResult, train_caption
-from training.caption.train import learning_rate
+from training.caption.train import learning_rate, native_bf16, resolve_precision
 
 # peft calls a transformers method that warns about its own deprecation.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -162,6 +163,39 @@ def test_bf16_autocast_runs_on_cpu(caption_data: Path, tmp_path: Path) -> None:
     assert all(math.isfinite(s["loss"]) for s in rec.steps.values()) and result.state.step == 3
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(
+    caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    seen: list[torch.dtype] = []
+
+    class Probe(Callback):
+        def on_train_start(self, trainer: Any) -> None:
+            trainer.model.mapping.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    result = _train(caption_data, tmp_path, "precision=auto", "max_steps=2", extra_callbacks=[Probe()])
+    want = "bf16" if native else "fp32"
+    assert (torch.bfloat16 in seen) == native
+    saved = (result.out_dir / "config.yaml").read_text()
+    assert f"precision: {want}" in saved  # what the run used, not "auto"
+    assert f"precision {want}" in (result.artifact_dir / "README.md").read_text()
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    assert native_bf16(cpu, info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert native_bf16(cpu, info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert not native_bf16(cpu, info)
+    assert not native_bf16(cpu, tmp_path / "missing")
+    assert not native_bf16(torch.device("meta"), info)
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+
+
 def test_fp16_needs_cuda(caption_data: Path, tmp_path: Path) -> None:
     # device=cpu explicitly, so the refusal is tested on a CUDA machine too.
     with pytest.raises(RuntimeError, match="fp16 needs a CUDA device"):
@@ -186,3 +220,26 @@ def test_warmup_then_cosine_to_the_floor() -> None:
     assert learning_rate(cfg, 110, 110) == pytest.approx(0.1)
     # With a time budget, the decay follows whichever of steps and time is further along.
     assert learning_rate(cfg, 20, 110, time_fraction=1.0) == pytest.approx(0.1)
+
+
+def test_training_learns_which_token_pairs_may_repeat(caption_data: Path, tmp_path: Path) -> None:
+    """``decoding.limit_repeats``: the artifact carries the pairs the training targets repeat, and the ONNX
+    runtime that serves it reads them."""
+    from snap2caption.models.caption.decoding import repeated_bigrams
+    from snap2caption.models.caption.ort import OrtCaptioner
+    from snap2caption.models.caption.tokenizer import CaptionTokenizer
+    from training.caption.data import SplitData
+
+    result = _train(
+        caption_data, tmp_path, "model.decoding.limit_repeats=true", "max_steps=1", "captions_per_image=2"
+    )
+    learned = OrtCaptioner(result.artifact_dir).decoding
+    tokenizer = CaptionTokenizer.load(result.artifact_dir)
+    captions = SplitData.load(caption_data, "train").captions
+    targets = [tokenizer.encode(c) for caps in captions for c in caps[:2]]
+    assert learned.limit_repeats and learned.repeatable_bigrams == repeated_bigrams(targets)
+    assert learned.repeatable_bigrams  # the synthetic captions list objects: ", a" comes back
+    every = [tokenizer.encode(c) for caps in captions for c in caps]
+    assert repeated_bigrams(every) != learned.repeatable_bigrams  # only the targets it trained on count
+    off = _train(caption_data, tmp_path / "off", "max_steps=1")  # tiny: limit_repeats false
+    assert OrtCaptioner(off.artifact_dir).decoding.repeatable_bigrams is None

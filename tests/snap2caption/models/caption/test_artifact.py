@@ -71,13 +71,16 @@ def test_reload_reproduces_captions_exactly(
         assert decoded(loaded, pixels, num_beams=num_beams) == decoded(model, pixels, num_beams=num_beams)
 
 
-def test_an_artifact_written_before_colour_cells_existed_loads_as_it_was_built(
-    saved: Path, model: CaptionModel, pixels: torch.Tensor
+@pytest.mark.parametrize(("section", "key"), [("encoder", "colour_cells"), ("mapping", "coords")])
+def test_an_artifact_written_before_a_setting_existed_loads_as_it_was_built(
+    saved: Path, model: CaptionModel, pixels: torch.Tensor, section: str, key: str
 ) -> None:
-    """Today's default appends colour cells; an older config.json without the key still means none."""
-    assert model.config.encoder.colour_cells == 0 and CaptionConfig().encoder.colour_cells > 0
+    """Today's defaults append colour cells and cell coordinates; an older config.json without the key
+    still means none."""
+    assert getattr(getattr(model.config, section), key) == 0
+    assert getattr(getattr(CaptionConfig(), section), key) > 0
     info = json.loads((saved / "config.json").read_text())
-    del info["model"]["encoder"]["colour_cells"]
+    info["model"][section].pop(key, None)
     (saved / "config.json").write_text(json.dumps(info))
     write_manifest(saved)
     loaded, _ = load_caption_model(saved)

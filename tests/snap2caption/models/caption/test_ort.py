@@ -40,6 +40,10 @@ SETTINGS = {
     "beam 3, penalties": DecodingConfig(
         max_new_tokens=10, num_beams=3, length_penalty=0.6, repetition_penalty=1.3, no_repeat_ngram_size=2
     ),
+    "greedy, limited repeats": DecodingConfig(max_new_tokens=12, limit_repeats=True, repeatable_bigrams=[]),
+    "beam 3, limited repeats": DecodingConfig(
+        max_new_tokens=12, num_beams=3, limit_repeats=True, repeatable_bigrams=[]
+    ),
 }
 
 
@@ -155,14 +159,18 @@ def test_the_onnx_runtime_never_imports_torch(artifact: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_the_transformer_mapping_exports_and_captions_alike(tmp_path: Path) -> None:
-    """The paper config's mapping (nn.TransformerEncoder, whose eval fast path the exporter cannot trace)."""
-    model, folder = saved_tiny(
-        tmp_path / "artifact",
-        "model.mapping.type=transformer",
-        "model.mapping.num_layers=2",
-        "model.mapping.num_heads=2",
-    )
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # the paper config's mapping (nn.TransformerEncoder, whose eval fast path the exporter cannot trace)
+        ("model.mapping.type=transformer", "model.mapping.num_layers=2", "model.mapping.num_heads=2"),
+        # the starter's cell coordinates (a constant the exported encoder has to carry)
+        ("model.mapping.coords=2",),
+    ],
+    ids=["transformer", "cell coordinates"],
+)
+def test_other_mappings_export_and_caption_alike(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    model, folder = saved_tiny(tmp_path / "artifact", *overrides)
     export_for_serving(folder, int8=False)
     runtime = OrtCaptioner(folder)
     pixels = (
@@ -172,4 +180,5 @@ def test_the_transformer_mapping_exports_and_captions_alike(tmp_path: Path) -> N
         want = model.generate(torch.from_numpy(pixels), max_new_tokens=8)
     got = runtime.generate(pixels, max_new_tokens=8)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.confidence for c in got] == pytest.approx([c.confidence for c in want], abs=1e-4)
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
