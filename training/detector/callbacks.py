@@ -96,12 +96,13 @@ class TimeBudget:
     After each epoch (validation included) it projects the finish from the mean epoch time so far and sets
     the epoch count to what fits (at least the epoch just finished, at most the configured count), so a
     slow first epoch on a busy machine can be made up later. The time left after the whole epochs that fit
-    buys one more, partial epoch when it holds at least ``min_partial`` of an epoch's training besides its
-    validation: that epoch then stops between batches when only its validation's time is left, instead of
-    the budget idling away up to an epoch (the starter detector, ~140 s epochs in 7 minutes, trained 2
-    epochs and stopped 2 minutes early when its first epoch took 139 s rather than 137). Whenever the count
-    changes, the learning-rate schedule is rebuilt for the new length, as Ultralytics' own ``time=`` mode
-    does, so the run still ends with a decayed learning rate and a final validation with plots.
+    buys one more, partial epoch when it holds at least ``min_partial`` of an epoch's training besides two
+    validations: that epoch then stops between batches when only the time of two validations is left (its
+    own, and Ultralytics' final one of the best weights), instead of the budget idling away up to an epoch
+    (the starter detector, ~140 s epochs in 7 minutes, trained 2 epochs and stopped 2 minutes early when
+    its first epoch took 139 s rather than 137). Whenever the count changes, the learning-rate schedule is
+    rebuilt for the new length, as Ultralytics' own ``time=`` mode does, so the run still ends with a
+    decayed learning rate and a final validation with plots.
 
     Args:
         budget_s: Seconds for the whole job, counted from ``started`` (data staging and setup included).
@@ -138,15 +139,15 @@ class TimeBudget:
         self.epoch_started = time.monotonic()
 
     def on_train_batch_end(self, trainer: Any) -> None:
-        """Stop the epoch between batches once only its validation's time is left (not in the first
+        """Stop the epoch between batches once only the two validations' time is left (not in the first
         epoch: nothing is measured yet)."""
         if self.validation_s is None or trainer.stop:
             return
         left_s = self.budget_s - (time.monotonic() - self.started)
-        if left_s <= self.validation_s:
+        if left_s <= 2 * self.validation_s:
             self.cut = int(trainer.epoch)
             logger.warning(
-                "time budget %.1f min: ending epoch %d early, %.0f s left for its validation",
+                "time budget %.1f min: ending epoch %d early, %.0f s left for its and the final validation",
                 self.budget_s / 60, self.cut + 1, left_s,
             )  # fmt: skip
             trainer.stop = True
@@ -169,7 +170,7 @@ class TimeBudget:
         mean_epoch = (now - self.first_epoch_started) / (epoch - int(trainer.start_epoch) + 1)
         left_s = self.budget_s - (now - self.started)
         whole = max(0, math.floor(left_s / mean_epoch))
-        rest_s = left_s - whole * mean_epoch - (self.validation_s or 0.0)
+        rest_s = left_s - whole * mean_epoch - 2 * (self.validation_s or 0.0)
         mean_train = sum(self.train_s) / len(self.train_s) if self.train_s else mean_epoch
         partial = 1 if self.validation_s is not None and rest_s >= self.min_partial * mean_train else 0
         fits = epoch + 1 + whole + partial

@@ -64,7 +64,8 @@ def test_budget_never_goes_above_the_configured_epochs(monkeypatch: pytest.Monke
 
 def test_the_time_left_after_whole_epochs_buys_a_last_one_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bootstrap's case: a 7-minute budget, epochs of 128 s training + 10 s validation. Whole epochs
-    alone fit 2 and leave ~2 minutes idle; the third runs until only its validation's time is left."""
+    alone fit 2 and leave ~2 minutes idle; the third runs until only two validations' time is left (its own
+    and the final one)."""
     clock = {"now": 9.0}
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
     budget = TimeBudget(budget_s=420.0, started=0.0)
@@ -82,15 +83,15 @@ def test_the_time_left_after_whole_epochs_buys_a_last_one_cut_short(monkeypatch:
         clock["now"] += val_s
         budget.on_fit_epoch_end(trainer)
 
-    run_epoch(128, 10)  # at 147 s: 273 s left = one whole epoch and 125 s, room for a partial one
+    run_epoch(128, 10)  # at 147 s: 273 s left = one whole epoch and 135 s, room for a partial one
     assert (trainer.epochs, trainer.stop) == (3, False) and budget.validation_s == 10
     trainer.epoch = 1
     run_epoch(128, 10)  # at 285 s: 135 s left, the plan holds
     assert (trainer.epochs, trainer.stop) == (3, False) and budget.plans == [3]
     trainer.epoch = 2
-    run_epoch(128, 10)  # cut when 10 s are left, validated, and no more
+    run_epoch(128, 10)  # cut when 20 s are left, validated, and no more
     assert trainer.stop and budget.cut == 2
-    assert clock["now"] == pytest.approx(420.0)  # the budget is used, not overrun
+    assert clock["now"] == pytest.approx(410.0)  # 10 s left for the final validation of the best weights
     assert budget.train_s == [128, 128]  # the cut epoch's training is not taken as an epoch's
 
 
@@ -103,10 +104,10 @@ def test_no_partial_epoch_for_a_sliver_of_time(monkeypatch: pytest.MonkeyPatch) 
     budget.on_train_epoch_start(trainer)
     clock["now"] = 100.0
     budget.on_train_epoch_end(trainer)
-    clock["now"] = 110.0  # 50 s left: a validation (10 s) and 40 s = 0.4 of an epoch's training
+    clock["now"] = 110.0  # 50 s left: two validations (20 s) and 30 s = 0.3 of an epoch's training
     budget.on_fit_epoch_end(trainer)
     assert trainer.epochs == 2
-    budget.min_partial = 0.5  # asking for half an epoch at least: none fits
+    budget.min_partial = 0.4  # asking for 0.4 of an epoch at least: none fits
     trainer.epochs = 10
     budget.on_fit_epoch_end(trainer)
     assert (trainer.epochs, trainer.stop) == (1, True)
