@@ -26,9 +26,16 @@ class _Trainer(SimpleNamespace):
         self.scheduler = SimpleNamespace(last_epoch=-1)
 
 
-def test_budget_cuts_then_extends_within_the_configured_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = {"now": 10.0}
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The callbacks' ``time.monotonic``, set by the test through ``clock["now"]``."""
+    now = {"now": 0.0}
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now["now"])
+    return now
+
+
+def test_budget_cuts_then_extends_within_the_configured_epochs(clock: dict[str, float]) -> None:
+    clock["now"] = 10.0
     budget = TimeBudget(budget_s=100.0, started=0.0)
     trainer: Any = _Trainer(epochs=10)
     budget.on_train_start(trainer)  # 10 s of setup
@@ -51,9 +58,7 @@ def test_budget_cuts_then_extends_within_the_configured_epochs(monkeypatch: pyte
     assert (trainer.epochs, trainer.stop) == (2, True)
 
 
-def test_budget_never_goes_above_the_configured_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = {"now": 0.0}
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
+def test_budget_never_goes_above_the_configured_epochs(clock: dict[str, float]) -> None:
     budget = TimeBudget(budget_s=1000.0, started=0.0)
     trainer: Any = _Trainer(epochs=3)
     budget.on_train_start(trainer)
@@ -62,12 +67,11 @@ def test_budget_never_goes_above_the_configured_epochs(monkeypatch: pytest.Monke
     assert trainer.epochs == 3 and trainer.schedules == 0 and not trainer.stop
 
 
-def test_the_time_left_after_whole_epochs_buys_a_last_one_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_time_left_after_whole_epochs_buys_a_last_one_cut_short(clock: dict[str, float]) -> None:
     """The bootstrap's case: a 7-minute budget, epochs of 128 s training + 10 s validation. Whole epochs
     alone fit 2 and leave ~2 minutes idle; the third runs until only two validations' time is left (its own
     and the final one)."""
-    clock = {"now": 9.0}
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
+    clock["now"] = 9.0
     budget = TimeBudget(budget_s=420.0, started=0.0)
     trainer: Any = _Trainer(epochs=10)
     budget.on_train_start(trainer)  # 9 s of setup
@@ -95,9 +99,7 @@ def test_the_time_left_after_whole_epochs_buys_a_last_one_cut_short(monkeypatch:
     assert budget.train_s == [128, 128]  # the cut epoch's training is not taken as an epoch's
 
 
-def test_no_partial_epoch_for_a_sliver_of_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = {"now": 0.0}
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
+def test_no_partial_epoch_for_a_sliver_of_time(clock: dict[str, float]) -> None:
     budget = TimeBudget(budget_s=160.0, started=0.0)
     trainer: Any = _Trainer(epochs=10)
     budget.on_train_start(trainer)
