@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -129,45 +129,89 @@ def _quote_log(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Step:
-    """One build command run to completion (``dvc repro etl``, a training), its output in ``log_path``."""
+    """One build command run to completion (``dvc repro etl``, a training), its output in ``log_path``.
+
+    ``command`` may be a function that returns it, called when the step starts: a step that follows
+    another in a lane (:func:`run_lanes`) can size its work to the time left then.
+    """
 
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...] | Callable[[], tuple[str, ...]]
     log_path: Path
+
+    def argv(self) -> tuple[str, ...]:
+        """The command to run now."""
+        return self.command() if callable(self.command) else self.command
 
 
 def run_steps(steps: Sequence[Step], stage: str, *, cwd: Path | None = None) -> None:
-    """Run ``steps`` at the same time, each to its log, showing the last line of each log as they go.
+    """Run ``steps`` at the same time, each to its log (:func:`run_lanes` with one step per lane)."""
+    run_lanes([[step] for step in steps], stage, cwd=cwd)
+
+
+def run_lanes(lanes: Sequence[Sequence[Step]], stage: str, *, cwd: Path | None = None) -> dict[str, float]:
+    """Run the lanes at the same time, each lane's steps one after another, each step to its log, showing
+    the last line of each running step's log as they go.
 
     On a terminal the status line is redrawn every second; in a log file or CI it is printed every 30 s.
+    A step that fails stops every other one.
 
     Args:
-        steps: The commands; they run concurrently.
+        lanes: Sequences of steps; a step starts when the one before it in its lane has succeeded.
         stage: The name of this stage of ``up`` (``data``, ``models``) for error messages.
         cwd: Working directory of the commands.
 
+    Returns:
+        Each step's wall time in seconds.
+
     Raises:
-        LaunchError: A step exited non-zero (the first one, with its log's last line).
+        LaunchError: A step exited non-zero (the first one seen, with its log's last line).
     """
-    processes: dict[str, subprocess.Popen[bytes]] = {}
     env = child_env()
-    try:
-        for step in steps:
+    queues = [list(lane) for lane in lanes if lane]
+    running: dict[str, tuple[Step, subprocess.Popen[bytes], float]] = {}
+    seconds: dict[str, float] = {}
+    failed: tuple[Step, int] | None = None
+
+    def start_next(queue: list[Step]) -> None:
+        if queue:
+            step = queue.pop(0)
             step.log_path.parent.mkdir(parents=True, exist_ok=True)
             with step.log_path.open("wb") as out:
-                processes[step.name] = subprocess.Popen(
-                    step.command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env
+                process = subprocess.Popen(
+                    step.argv(), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env
                 )
+            running[step.name] = (step, process, time.monotonic())
+
+    try:
+        lane_of: dict[str, list[Step]] = {}
+        for queue in queues:
+            if queue:
+                lane_of[queue[0].name] = queue
+                start_next(queue)
         started = time.monotonic()
         width = shutil.get_terminal_size((100, 20)).columns
         tty = sys.stdout.isatty()
         last_report = 0.0
-        while any(p.poll() is None for p in processes.values()):
+        while running and failed is None:
             time.sleep(1.0)
+            for name, (step, process, began) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[name]
+                seconds[name] = time.monotonic() - began
+                if code != 0:
+                    failed = (step, code)
+                    break
+                queue = lane_of.pop(name)
+                if queue:
+                    lane_of[queue[0].name] = queue
+                    start_next(queue)
             elapsed = time.monotonic() - started
             status = " | ".join(
-                f"{s.name}: {'done' if processes[s.name].poll() is not None else last_line(s.log_path)[:60]}"
-                for s in steps
+                [f"{name}: done" for name in seconds]
+                + [f"{name}: {last_line(step.log_path)[:60]}" for name, (step, _, _) in running.items()]
             )
             if tty:
                 click.echo("\r" + f"   {elapsed:4.0f}s {status}"[: width - 1].ljust(width - 1), nl=False)
@@ -177,16 +221,16 @@ def run_steps(steps: Sequence[Step], stage: str, *, cwd: Path | None = None) -> 
         if tty:
             click.echo("\r" + " " * (width - 1) + "\r", nl=False)
     finally:
-        for p in processes.values():
-            if p.poll() is None:  # Ctrl-C or an error here: leave no build behind
-                p.terminate()
-                p.wait(30)
-    for step in steps:
-        code = processes[step.name].returncode
-        if code != 0:
-            raise LaunchError(
-                stage, f"{step.name} failed (exit {code}){_quote_log(step.log_path)}", step.log_path
-            )
+        for _, process, _ in running.values():
+            if process.poll() is None:  # Ctrl-C or a failed step: leave no build behind
+                process.terminate()
+                process.wait(30)
+    if failed is not None:
+        step, code = failed
+        raise LaunchError(
+            stage, f"{step.name} failed (exit {code}){_quote_log(step.log_path)}", step.log_path
+        )
+    return seconds
 
 
 # ------------------------------------------------------------------------------------------- services

@@ -246,7 +246,11 @@ def caption_features(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # as in training, where the encoder is the first module built
     encoder = build_encoder(
-        enc.name, pretrained=enc.pretrained, trainable="none", colour_cells=enc.colour_cells
+        enc.name,
+        pretrained=enc.pretrained,
+        trainable="none",
+        colour_cells=enc.colour_cells,
+        detail_stride=enc.detail_stride,
     ).to(device)
     for split in (s.strip() for s in splits.split(",") if s.strip()):
         features = cached_features(

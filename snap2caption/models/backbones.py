@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast, get_args
+from typing import TYPE_CHECKING, ClassVar, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class ImageEncoder(nn.Module):
     last_stage: tuple[str, ...] = ()
     # Prefix that turns the wrapped library model's state-dict keys into this module's keys.
     weights_prefix: str = ""
+    # Pixels per grid cell, and the finer maps :meth:`forward_detail` can return: {stride: channels}.
+    grid_stride: int = 32
+    detail_channels: ClassVar[dict[int, int]] = {}
 
     def __init__(self, name: str, out_channels: int, preprocess: Preprocess, num_classes: int) -> None:
         super().__init__()
@@ -74,6 +77,11 @@ class ImageEncoder(nn.Module):
     def classify(self, grid: Tensor) -> Tensor:
         """(B, C, h, w) grid from :meth:`forward` -> (B, num_classes) logits (pooling + classifier)."""
         raise NotImplementedError(f"encoder {self.name!r} has no classifier head")
+
+    def forward_detail(self, pixels: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+        """One pass: the (B, C, h, w) grid and the backbone's finer map at ``stride`` (a key of
+        ``detail_channels``), (B, detail_channels[stride], H / stride, W / stride)."""
+        raise NotImplementedError(f"encoder {self.name!r} has no finer feature maps")
 
     def forward_with_logits(self, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
         """One pass: (B, C, h, w) grid and (B, num_classes) logits, or None when there is no head."""
@@ -144,6 +152,9 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
     last_stage = ("model.blocks.6", "model.conv_head", "model.bn2")
     weights_prefix = "model."
+    # Outputs of stage 2 (40 channels, stride 8) and stage 4 (112 channels, stride 16).
+    detail_channels: ClassVar[dict[int, int]] = {8: 40, 16: 112}
+    _detail_block: ClassVar[dict[int, int]] = {8: 2, 16: 4}
 
     def __init__(self) -> None:
         import timm  # heavy import, only for this backbone
@@ -158,6 +169,16 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model.forward_features(pixels)  # (B, 1280, H/32, W/32): 7x7 at 224
 
+    def forward_detail(self, pixels: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+        m, keep = self.model, self._detail_block[stride]
+        x = m.bn1(m.conv_stem(pixels))  # timm's forward_features, one stage at a time
+        detail = x
+        for index, block in enumerate(m.blocks):
+            x = block(x)
+            if index == keep:
+                detail = x  # (B, 40, H/8, W/8) or (B, 112, H/16, W/16)
+        return m.bn2(m.conv_head(x)), detail
+
     def classify(self, grid: Tensor) -> Tensor:
         return self.model.forward_head(grid)  # avg pool -> (B, 1280) -> (B, 1000)
 
@@ -167,6 +188,7 @@ class ResNet50Encoder(ImageEncoder):
 
     last_stage = ("model.layer4",)
     weights_prefix = "model."
+    detail_channels: ClassVar[dict[int, int]] = {8: 512, 16: 1024}
 
     def __init__(self, download_weights: bool = False) -> None:
         from torchvision.models import ResNet50_Weights, resnet50  # heavy import, only for this backbone
@@ -180,10 +202,15 @@ class ResNet50Encoder(ImageEncoder):
         self.model = resnet50(weights=weights)
 
     def forward(self, pixels: Tensor) -> Tensor:
+        return self.forward_detail(pixels, 16)[0]
+
+    def forward_detail(self, pixels: Tensor, stride: int) -> tuple[Tensor, Tensor]:
         m = self.model
         x = m.maxpool(m.relu(m.bn1(m.conv1(pixels))))  # (B, 64, H/4, W/4)
-        x = m.layer3(m.layer2(m.layer1(x)))  # (B, 1024, H/16, W/16)
-        return cast(Tensor, m.layer4(x))  # (B, 2048, H/32, W/32)
+        stride8 = m.layer2(m.layer1(x))  # (B, 512, H/8, W/8)
+        stride16 = m.layer3(stride8)  # (B, 1024, H/16, W/16)
+        grid = cast(Tensor, m.layer4(stride16))  # (B, 2048, H/32, W/32)
+        return grid, stride8 if stride == 8 else stride16
 
     def classify(self, grid: Tensor) -> Tensor:
         return cast(Tensor, self.model.fc(torch.flatten(self.model.avgpool(grid), 1)))  # (B, 1000)
@@ -197,6 +224,8 @@ class TinyEncoder(ImageEncoder):
     """
 
     last_stage = ("body.6", "body.7")  # last conv + its BatchNorm
+    grid_stride = 8
+    detail_channels: ClassVar[dict[int, int]] = {4: 16}  # the second conv's output
 
     def __init__(self, num_classes: int = 0) -> None:
         super().__init__("tiny", out_channels=32, preprocess=TINY_PREPROCESS, num_classes=num_classes)
@@ -210,10 +239,46 @@ class TinyEncoder(ImageEncoder):
     def forward(self, pixels: Tensor) -> Tensor:
         return cast(Tensor, self.body(pixels))  # (B, 32, H/8, W/8)
 
+    def forward_detail(self, pixels: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+        detail = cast(Tensor, self.body[:6](pixels))  # (B, 16, H/4, W/4)
+        return cast(Tensor, self.body[6:](detail)), detail
+
     def classify(self, grid: Tensor) -> Tensor:
         if self.head is None:
             return super().classify(grid)
         return cast(Tensor, self.head(grid.mean(dim=(2, 3))))  # (B, 32) -> (B, num_classes)
+
+
+class DetailGridEncoder(ImageEncoder):
+    """A backbone's grid with its finer feature map at ``stride`` folded into each grid cell.
+
+    The last grid (stride 32: 7 x 7 at 224 px) is coarse for small objects: a 28-px shape covers about one
+    cell, and the caption model confuses pentagons, hexagons and circles there. The backbone's map at
+    stride 16 (or 8) sees the same image at 2x (4x) the resolution; each grid cell gets the ``f x f``
+    finer cells inside it (``f = 32 / stride``) as channels, so the prefix keeps its length:
+    (B, C, h, w) -> (B, C + f**2 * C_detail, h, w). No weights, and no extra pass: the map is computed on
+    the way to the grid anyway.
+    """
+
+    def __init__(self, base: ImageEncoder, stride: int) -> None:
+        if stride not in base.detail_channels:
+            raise ValueError(
+                f"encoder {base.name!r} has finer maps at strides {sorted(base.detail_channels)}, "
+                f"not {stride}"
+            )
+        factor = base.grid_stride // stride
+        channels = base.out_channels + factor * factor * base.detail_channels[stride]
+        super().__init__(f"{base.name}+detail{stride}", channels, base.preprocess, 0)
+        self.base = base
+        self.stride = stride
+        self.factor = factor
+        self.last_stage = tuple(f"base.{name}" for name in base.last_stage)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        grid, detail = self.base.forward_detail(pixels, self.stride)  # (B, C, h, w), (B, C', h', w')
+        h, w = int(grid.shape[-2]), int(grid.shape[-1])
+        detail = adaptive_pool(detail, (h * self.factor, w * self.factor))  # a no-op where sizes divide
+        return torch.cat([grid, F.pixel_unshuffle(detail, self.factor)], dim=1)
 
 
 class ColourGridEncoder(ImageEncoder):
@@ -334,6 +399,7 @@ def build_encoder(
     *,
     num_classes: int | None = None,
     colour_cells: int = 0,
+    detail_stride: int = 0,
 ) -> ImageEncoder:
     """Build an image encoder; random init unless ``pretrained`` says otherwise, and never a silent download.
 
@@ -348,6 +414,8 @@ def build_encoder(
         num_classes: only for ``"tiny"``: size of its classifier head (default 0, no head). The ImageNet
             backbones always have their 1000-class head.
         colour_cells: >0 appends each grid cell's sub-cell colours (:class:`ColourGridEncoder`; no head).
+        detail_stride: >0 folds the backbone's finer map at this stride into each grid cell
+            (:class:`DetailGridEncoder`; no head): 8 or 16 for the ImageNet backbones, 4 for tiny.
 
     Returns:
         The encoder, in eval mode when frozen.
@@ -373,6 +441,8 @@ def build_encoder(
         raise ValueError(f"unknown encoder {name!r}; choose one of {ENCODER_NAMES}")
     if isinstance(pretrained, str | Path):
         encoder.load_weights(load_state_file(pretrained))
+    if detail_stride:
+        encoder = DetailGridEncoder(encoder, detail_stride)
     if colour_cells:
         encoder = ColourGridEncoder(encoder, colour_cells)
     return encoder.set_trainable(trainable)

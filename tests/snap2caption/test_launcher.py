@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from snap2caption.launcher import (
     Step,
     check_ports,
     child_env,
+    run_lanes,
     run_steps,
     start_services,
     stop_services,
@@ -147,6 +149,34 @@ def test_a_failed_step_is_one_line_naming_it_and_its_log(tmp_path: Path) -> None
         f"data: dvc repro etl failed (exit 127): snap2caption: not found; log: {tmp_path / 'data.log'}"
     )
     assert (tmp_path / "data.log").read_text() == "Running stage synth\nsnap2caption: not found\n"
+
+
+def test_lanes_run_side_by_side_and_a_lanes_next_step_starts_when_its_last_one_ends(tmp_path: Path) -> None:
+    marker = tmp_path / "first-done"
+    started_at: list[float] = []
+
+    def second() -> tuple[str, ...]:  # what a training sized to the time left does: decide at its start
+        started_at.append(time.monotonic())
+        return ("/bin/sh", "-c", f"cat {marker}")
+
+    first = Step("first", ("/bin/sh", "-c", f"sleep 1.5; echo written > {marker}"), tmp_path / "first.log")
+    other = Step("other", ("/bin/sh", "-c", "sleep 1; echo side"), tmp_path / "other.log")
+    begin = time.monotonic()
+    seconds = run_lanes([[first, Step("second", second, tmp_path / "second.log")], [other]], "models")
+    assert (tmp_path / "second.log").read_text() == "written\n"  # it ran after the first had written
+    assert started_at and started_at[0] - begin >= 1.5
+    assert set(seconds) == {"first", "second", "other"} and seconds["first"] >= 1.5
+    assert time.monotonic() - begin < 1.5 + seconds["other"] + seconds["second"] + 1.5  # lanes overlapped
+
+
+def test_a_failed_step_stops_the_other_lanes_and_skips_the_rest_of_its_own(tmp_path: Path) -> None:
+    bad = Step("bad", ("/bin/sh", "-c", "echo broken >&2; exit 3"), tmp_path / "bad.log")
+    never = Step("never", ("/bin/sh", "-c", "echo ran"), tmp_path / "never.log")
+    slow = Step("slow", ("/bin/sh", "-c", "sleep 60"), tmp_path / "slow.log")
+    begin = time.monotonic()
+    with pytest.raises(LaunchError, match="bad failed \\(exit 3\\): broken"):
+        run_lanes([[bad, never], [slow]], "models")
+    assert time.monotonic() - begin < 30 and not (tmp_path / "never.log").exists()
 
 
 def test_a_port_in_use_names_the_process_holding_it(tmp_path: Path) -> None:

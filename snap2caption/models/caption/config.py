@@ -32,12 +32,16 @@ class EncoderConfig:
         colour_cells: 0 (off), or append to each grid cell the mean colours of its ``colour_cells x
             colour_cells`` sub-cells (``3 * colour_cells**2`` channels, no weights; ``ColourGridEncoder``).
             An artifact written before this setting existed has it off (``read_artifact_info``).
+        detail_stride: 0 (off), or fold the backbone's finer feature map at this stride (16 or 8; 4 for
+            ``tiny``) into each grid cell (``(32 / stride)**2`` times its channels: 448 for
+            efficientnet_lite0 at 16; ``DetailGridEncoder``). Off in artifacts written before it existed.
     """
 
     name: Literal["efficientnet_lite0", "resnet50", "tiny"] = "efficientnet_lite0"
     pretrained: bool | str = True
     trainable: Literal["none", "last", "all"] = "none"
     colour_cells: int = 8
+    detail_stride: int = 0
 
 
 @dataclass
@@ -184,6 +188,12 @@ class CaptionConfig:
             problems.append("mapping.coords applies to the mlp mapping only (the transformer has its own)")
         if not 0 <= self.encoder.colour_cells <= 8:
             problems.append(f"encoder.colour_cells must be 0 (off) to 8, got {self.encoder.colour_cells}")
+        detail_strides = (4,) if self.encoder.name == "tiny" else (8, 16)
+        if self.encoder.detail_stride and self.encoder.detail_stride not in detail_strides:
+            problems.append(
+                f"encoder.detail_stride must be 0 (off) or one of {detail_strides} for "
+                f"{self.encoder.name}, got {self.encoder.detail_stride}"
+            )
         for name, value in (
             ("decoder.dropout", d.dropout),
             ("mapping.dropout", m.dropout),

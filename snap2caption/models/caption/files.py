@@ -47,7 +47,11 @@ IMAGE_MAX_SIDE_KEY = "image_max_side"
 
 # Architecture settings added to ``config.json``'s ``model`` after format version 1 was first written, with
 # the value that rebuilds what an artifact written before them holds (their defaults today may differ).
-_ADDED_SETTINGS: dict[tuple[str, str], Any] = {("encoder", "colour_cells"): 0, ("mapping", "coords"): 0}
+_ADDED_SETTINGS: dict[tuple[str, str], Any] = {
+    ("encoder", "colour_cells"): 0,
+    ("encoder", "detail_stride"): 0,
+    ("mapping", "coords"): 0,
+}
 
 
 def read_artifact_info(directory: str | os.PathLike[str]) -> dict[str, Any]:

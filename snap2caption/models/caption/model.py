@@ -177,6 +177,7 @@ class CaptionModel(nn.Module):
             pretrained=config.encoder.pretrained if load_pretrained else False,
             trainable=config.encoder.trainable,
             colour_cells=config.encoder.colour_cells,
+            detail_stride=config.encoder.detail_stride,
         )
         # What the weights were trained with; artifact loading restores the saved one.
         self.preprocess: Preprocess = self.encoder.preprocess

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,17 @@ def _option(command: tuple[str, ...], name: str) -> str:
 
 
 def test_every_starter_command_is_a_valid_config(tmp_path: Path) -> None:
-    steps = {s.name: s for s in starter_steps(tmp_path / "out", tmp_path / "data", BootstrapSettings())}
+    deadline = time.monotonic() + 8.5 * 60
+    settings = BootstrapSettings(minutes=8.5)
+    steps = {
+        s.name: s for s in starter_steps(tmp_path / "out", tmp_path / "data", settings, deadline=deadline)
+    }
     assert {s.model for s in steps.values() if s.registers} == {"tagger", "captioner", "detector"}
-    # Stage 0: the tagger and the caption features side by side; stage 1: the two trainings side by side.
-    assert steps["tagger"].stage == steps["captioner-features"].stage < steps["captioner"].stage
-    assert steps["captioner"].stage == steps["detector"].stage and not steps["captioner-features"].registers
-    features, caption_cmd = steps["captioner-features"].command, steps["captioner"].command
+    # Lane 0: the tagger, then the detector; lane 1: the caption features, then the captioner.
+    assert [n for n in steps if steps[n].lane == 0] == ["tagger", "detector"]
+    assert [n for n in steps if steps[n].lane == 1] == ["captioner-features", "captioner"]
+    assert not steps["captioner-features"].registers
+    features, caption_cmd = steps["captioner-features"].argv(), steps["captioner"].argv()
     assert _option(features, "--out") == _option(caption_cmd, "--features")  # training reads that cache
     for_features = CaptionRunConfig.load("starter", _overrides(features))
     caption = CaptionRunConfig.load("starter", _overrides(caption_cmd))
@@ -47,20 +53,44 @@ def test_every_starter_command_is_a_valid_config(tmp_path: Path) -> None:
         caption.train.feature_dtype,
         caption.train.feature_runtime,
     )
-    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].command))
-    # The budget goes to the two trainings, one thread each, on top of the first stage's share.
-    assert caption.train.time_budget_min == detector.train.time_budget_min == pytest.approx(7.0)
+    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].argv()))
+    # Started now, each training gets the time to the deadline, less what it does after training.
+    assert caption.train.time_budget_min == pytest.approx(8.5, abs=0.02)
+    assert caption.train.reserve_min == pytest.approx(0.75)
+    assert detector.train.time_budget_min == pytest.approx(8.5 - 0.4, abs=0.02)
     assert for_features.train.threads == caption.train.threads == detector.train.threads == 1
     assert detector.run.data == str(tmp_path / "data")
+
+
+def test_a_training_started_later_gets_the_time_left(tmp_path: Path) -> None:
+    deadline = time.monotonic() + 4 * 60  # what is left after 5 of a 9-minute budget
+    steps = {
+        s.name: s
+        for s in starter_steps(tmp_path / "out", tmp_path / "data", BootstrapSettings(), deadline=deadline)
+    }
+    caption = CaptionRunConfig.load("starter", _overrides(steps["captioner"].argv()))
+    assert caption.train.time_budget_min == pytest.approx(4.0, abs=0.02)
+    assert caption.train.reserve_min == pytest.approx(0.75)
+    late = time.monotonic() - 60  # the deadline has passed: each training still gets its minimum
+    steps = {
+        s.name: s
+        for s in starter_steps(tmp_path / "out", tmp_path / "data", BootstrapSettings(), deadline=late)
+    }
+    caption = CaptionRunConfig.load("starter", _overrides(steps["captioner"].argv()))
+    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].argv()))
+    assert caption.train.time_budget_min == detector.train.time_budget_min == 1.0
+    assert caption.train.reserve_min == pytest.approx(0.33)  # a third of a short budget
 
 
 def test_a_fixed_number_of_caption_steps_replaces_its_time_budget(tmp_path: Path) -> None:
     settings = BootstrapSettings(minutes=2.5, captioner_steps=30)
     steps = {s.name: s for s in starter_steps(tmp_path / "out", tmp_path / "data", settings)}
-    caption = CaptionRunConfig.load("starter", _overrides(steps["captioner"].command))
+    caption = CaptionRunConfig.load("starter", _overrides(steps["captioner"].argv()))
     assert (caption.train.max_steps, caption.train.time_budget_min) == (30, 0)
-    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].command))
-    assert detector.train.time_budget_min == 1.0  # the detector keeps the budget (at least one epoch)
+    detector = DetectorRunConfig.load("starter", _overrides(steps["detector"].argv()))
+    assert detector.train.time_budget_min == pytest.approx(
+        2.5 - 0.4, abs=0.02
+    )  # the detector keeps the budget
 
 
 def test_missing_models_reads_the_registry(tmp_path: Path, mlflow_template_db: Path) -> None:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from snap2caption.models.backbones import (
     ColourGridEncoder,
+    DetailGridEncoder,
     EfficientNetLite0Encoder,
     ImageEncoder,
     WeightsMismatchError,
@@ -208,3 +209,41 @@ def test_colour_grid_appends_each_cells_sub_cell_colours() -> None:
     torch.testing.assert_close(colours, pixels[:, :, 12:16, 40:44].mean(dim=(2, 3)))
     last = _trainable(build_encoder("tiny", trainable="last"))
     assert last and _trainable(encoder) == {f"base.{name}" for name in last}
+
+
+def test_detail_grid_folds_the_finer_map_into_each_cell() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny", trainable="last", detail_stride=4, colour_cells=2)
+    assert isinstance(encoder, ColourGridEncoder) and isinstance(encoder.base, DetailGridEncoder)
+    detailed = encoder.base
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        grid = detailed(pixels)
+        base = detailed.base
+        finer = base.body[:6](pixels)  # (2, 16, 16, 16): the second conv's output, stride 4
+        assert torch.equal(grid[:, :32], base(pixels))
+    assert detailed.name == "tiny+detail4" and detailed.out_channels == 32 + 4 * 16
+    assert encoder.name == "tiny+detail4+colour2" and encoder.out_channels == 32 + 64 + 12
+    assert grid.shape == (2, 96, 8, 8)
+    # Cell (row 3, column 6) holds finer cells rows 6..7 x columns 12..13; finer cell (1, 0) of channel c
+    # is channel 32 + c * 4 + 1 * 2 + 0.
+    torch.testing.assert_close(grid[:, 32 + 2 :: 4][:, :16, 3, 6], finer[:, :, 7, 12])
+    last = _trainable(build_encoder("tiny", trainable="last"))
+    assert _trainable(encoder) == {f"base.base.{name}" for name in last}
+
+
+@pytest.mark.parametrize(("stride", "channels", "side"), [(16, 112, 14), (8, 40, 28)])
+def test_efficientnet_detail_maps_come_from_the_same_pass(stride: int, channels: int, side: int) -> None:
+    encoder = build_encoder("efficientnet_lite0")
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        grid, detail = encoder.forward_detail(pixels, stride)
+        torch.testing.assert_close(grid, encoder(pixels))
+    assert detail.shape == (1, channels, side, side)
+    folded = build_encoder("efficientnet_lite0", detail_stride=stride)
+    assert folded.out_channels == 1280 + (32 // stride) ** 2 * channels
+
+
+def test_a_detail_stride_the_backbone_lacks_is_refused() -> None:
+    with pytest.raises(ValueError, match="finer maps at strides"):
+        build_encoder("tiny", detail_stride=8)

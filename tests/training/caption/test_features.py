@@ -136,3 +136,34 @@ def test_onnxruntime_computes_the_same_features(caption_data: Path, tmp_path: Pa
     by_torch = cached_features(encoder, val, tmp_path / "torch", runtime="torch", **options)
     by_onnx = cached_features(encoder, val, tmp_path / "onnx", runtime="onnxruntime", **options)
     torch.testing.assert_close(by_onnx, by_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_the_phases_after_training_encode_each_held_out_image_once_from_its_file(
+    caption_data: Path, tmp_path: Path
+) -> None:
+    """Test, domain and calibration read one set of grids per split, made from the image files by the
+    runtime that cached the training features (the test images were encoded twice, eagerly)."""
+    from training.caption.config import CaptionRunConfig
+    from training.caption.data import image_loader
+    from training.caption.run import build_model, encode_held_out, load_splits
+
+    config = CaptionRunConfig.load(
+        "tiny",
+        [
+            f"run.data={caption_data}",
+            f"run.out={tmp_path}",
+            "model.encoder.trainable=none",
+            "train.feature_runtime=onnxruntime",
+            "train.test_max_images=2",
+        ],
+    )
+    splits = load_splits(config)
+    assert splits.test is not None and splits.val is not None and len(splits.test) > 2
+    model = build_model(config, splits, None, torch.device("cpu"))
+    held_out = encode_held_out(config, model, splits, torch.device("cpu"))
+    assert set(held_out) == {"test", "val"} and held_out["val"].shape[0] == len(splits.val)
+    pixels = next(iter(image_loader(splits.test.paths[:2], model.preprocess, 2, 0)))
+    with torch.inference_mode():
+        expected = model.encoder(pixels)
+    assert held_out["test"].dtype == torch.float32
+    torch.testing.assert_close(held_out["test"], expected, rtol=1e-4, atol=1e-4)

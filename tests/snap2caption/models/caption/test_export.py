@@ -82,6 +82,7 @@ def test_an_export_of_another_model_is_refused(exported: Path, tmp_path: Path) -
         ("prefix_len=6",),  # -> 2 x 3
         ("mapping.type=transformer", "mapping.grid=3", "prefix_len=5"),
         ("encoder.colour_cells=2",),  # sub-cell colours appended to the grid
+        ("encoder.detail_stride=4", "encoder.colour_cells=2"),  # and the finer map folded into cells
     ],
 )
 def test_prefix_grids_that_do_not_divide_the_encoder_grid_export(
