@@ -2,7 +2,7 @@
 
 In order: a check that every port is free, the data pipeline (``dvc repro etl``: synthetic scenes -> ETL),
 the starter models when the registry has no production ones (``snap2caption bootstrap``, a budget of
-``$SNAP2CAPTION_BOOTSTRAP_MINUTES``, default 8.5), then every service as its own process: ETL, captioner,
+``$SNAP2CAPTION_BOOTSTRAP_MINUTES``, default 9), then every service as its own process: ETL, captioner,
 detector, gateway, plus the MLflow UI over the embedded registry and Prometheus when its binary is
 installed. It prints the URLs; Ctrl-C (or SIGTERM) stops everything cleanly, the gateway first.
 

@@ -12,8 +12,9 @@ Two honest shortcuts keep it at a few minutes on 2 cores, both stated where they
   gets a `.venv` whose `bin` and `lib` are links into the already built one, and setup's "installed" stamp
   for the copy's pyproject.toml, so setup finds it ready. Its editable install points at this checkout, so
   `PYTHONPATH=<copy>` puts the copy's code first; the test checks that the copy's modules are imported.
-- The training. `SNAP2CAPTION_BOOTSTRAP_MINUTES=2.5` (the documented budget; default 8.5) gives the
-  detector one minute, less than its one epoch of the 5,400 training scenes (at least one always runs), and
+- The training. `SNAP2CAPTION_BOOTSTRAP_MINUTES=2.5` (the documented budget; default 9) gives the
+  detector what the tagger leaves of it, less than its one epoch of the 5,400 training scenes (at least one
+  always runs), and
   `SNAP2CAPTION_BOOTSTRAP_CAPTIONER_STEPS=30` (documented) trains the captioner exactly 30 steps instead of
   to a deadline: the same starter commands
   with a fixed amount of training, so the models and their scores do not depend on how loaded the machine
