@@ -127,6 +127,15 @@ def _quote_log(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ build steps
 
 
+Command = tuple[str, ...] | Callable[[], tuple[str, ...]]
+"""A command line, or a function that returns it when the command starts."""
+
+
+def command_argv(command: Command) -> tuple[str, ...]:
+    """The command line of ``command`` now (a function's is decided when it is called)."""
+    return command() if callable(command) else command
+
+
 @dataclass(frozen=True)
 class Step:
     """One build command run to completion (``dvc repro etl``, a training), its output in ``log_path``.
@@ -136,12 +145,8 @@ class Step:
     """
 
     name: str
-    command: tuple[str, ...] | Callable[[], tuple[str, ...]]
+    command: Command
     log_path: Path
-
-    def argv(self) -> tuple[str, ...]:
-        """The command to run now."""
-        return self.command() if callable(self.command) else self.command
 
 
 def run_steps(steps: Sequence[Step], stage: str, *, cwd: Path | None = None) -> None:
@@ -168,34 +173,30 @@ def run_lanes(lanes: Sequence[Sequence[Step]], stage: str, *, cwd: Path | None =
         LaunchError: A step exited non-zero (the first one seen, with its log's last line).
     """
     env = child_env()
-    queues = [list(lane) for lane in lanes if lane]
-    running: dict[str, tuple[Step, subprocess.Popen[bytes], float]] = {}
+    # Each running step: its process, when it started, and the rest of its lane.
+    running: dict[str, tuple[Step, subprocess.Popen[bytes], float, list[Step]]] = {}
     seconds: dict[str, float] = {}
     failed: tuple[Step, int] | None = None
 
-    def start_next(queue: list[Step]) -> None:
-        if queue:
-            step = queue.pop(0)
-            step.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with step.log_path.open("wb") as out:
-                process = subprocess.Popen(
-                    step.argv(), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env
-                )
-            running[step.name] = (step, process, time.monotonic())
+    def start(lane: list[Step]) -> None:
+        step, rest = lane[0], lane[1:]
+        step.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with step.log_path.open("wb") as out:
+            argv = command_argv(step.command)
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        running[step.name] = (step, process, time.monotonic(), rest)
 
     try:
-        lane_of: dict[str, list[Step]] = {}
-        for queue in queues:
-            if queue:
-                lane_of[queue[0].name] = queue
-                start_next(queue)
+        for lane in lanes:
+            if lane:
+                start(list(lane))
         started = time.monotonic()
         width = shutil.get_terminal_size((100, 20)).columns
         tty = sys.stdout.isatty()
         last_report = 0.0
         while running and failed is None:
             time.sleep(1.0)
-            for name, (step, process, began) in list(running.items()):
+            for name, (step, process, began, rest) in list(running.items()):
                 code = process.poll()
                 if code is None:
                     continue
@@ -204,14 +205,12 @@ def run_lanes(lanes: Sequence[Sequence[Step]], stage: str, *, cwd: Path | None =
                 if code != 0:
                     failed = (step, code)
                     break
-                queue = lane_of.pop(name)
-                if queue:
-                    lane_of[queue[0].name] = queue
-                    start_next(queue)
+                if rest:
+                    start(rest)
             elapsed = time.monotonic() - started
             status = " | ".join(
                 [f"{name}: done" for name in seconds]
-                + [f"{name}: {last_line(step.log_path)[:60]}" for name, (step, _, _) in running.items()]
+                + [f"{name}: {last_line(step.log_path)[:60]}" for name, (step, *_) in running.items()]
             )
             if tty:
                 click.echo("\r" + f"   {elapsed:4.0f}s {status}"[: width - 1].ljust(width - 1), nl=False)
@@ -221,7 +220,7 @@ def run_lanes(lanes: Sequence[Sequence[Step]], stage: str, *, cwd: Path | None =
         if tty:
             click.echo("\r" + " " * (width - 1) + "\r", nl=False)
     finally:
-        for _, process, _ in running.values():
+        for _, process, _, _ in running.values():
             if process.poll() is None:  # Ctrl-C or a failed step: leave no build behind
                 process.terminate()
                 process.wait(30)

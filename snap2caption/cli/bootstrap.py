@@ -35,7 +35,7 @@ import click
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from snap2caption.launcher import LaunchError, Step, load_settings, run_lanes
+from snap2caption.launcher import Command, LaunchError, Step, command_argv, load_settings, run_lanes
 
 if TYPE_CHECKING:
     from snap2caption.registry import Registry
@@ -116,13 +116,13 @@ class BuildStep:
 
     name: str  # its log is bootstrap-<name>.log
     model: str  # the registered model it builds
-    command: tuple[str, ...] | Callable[[], tuple[str, ...]]
+    command: Command
     lane: int  # the steps of a lane run one after another, the lanes side by side
     registers: bool = True
 
     def argv(self) -> tuple[str, ...]:
         """The command, as it would start now."""
-        return self.command() if callable(self.command) else self.command
+        return command_argv(self.command)
 
 
 def starter_steps(

@@ -249,7 +249,27 @@ class TinyEncoder(ImageEncoder):
         return cast(Tensor, self.head(grid.mean(dim=(2, 3))))  # (B, 32) -> (B, num_classes)
 
 
-class DetailGridEncoder(ImageEncoder):
+class CellsEncoder(ImageEncoder):
+    """A backbone whose grid gets, in each cell, the ``f x f`` cells of a finer map inside it as channels
+    (:func:`fold_into_cells`); no head. The wrapped backbone is ``base``; ``trainable="last"`` unfreezes
+    its last stage."""
+
+    def __init__(self, base: ImageEncoder, name: str, extra_channels: int) -> None:
+        super().__init__(name, base.out_channels + extra_channels, base.preprocess, 0)
+        self.base = base
+        self.last_stage = tuple(f"base.{part}" for part in base.last_stage)
+
+
+def fold_into_cells(grid: Tensor, finer: Tensor, factor: int) -> Tensor:
+    """(B, C, h, w) grid and a (B, C', H, W) map -> (B, C + factor**2 * C', h, w): the map pooled to
+    ``factor`` times the grid's resolution (a no-op where the sizes divide), each cell's ``factor x factor``
+    finer cells appended to it as channels."""
+    h, w = int(grid.shape[-2]), int(grid.shape[-1])
+    finer = adaptive_pool(finer, (h * factor, w * factor))  # (B, C', h * f, w * f)
+    return torch.cat([grid, F.pixel_unshuffle(finer, factor)], dim=1)
+
+
+class DetailGridEncoder(CellsEncoder):
     """A backbone's grid with its finer feature map at ``stride`` folded into each grid cell.
 
     The last grid (stride 32: 7 x 7 at 224 px) is coarse for small objects: a 28-px shape covers about one
@@ -267,21 +287,16 @@ class DetailGridEncoder(ImageEncoder):
                 f"not {stride}"
             )
         factor = base.grid_stride // stride
-        channels = base.out_channels + factor * factor * base.detail_channels[stride]
-        super().__init__(f"{base.name}+detail{stride}", channels, base.preprocess, 0)
-        self.base = base
+        super().__init__(base, f"{base.name}+detail{stride}", factor * factor * base.detail_channels[stride])
         self.stride = stride
         self.factor = factor
-        self.last_stage = tuple(f"base.{name}" for name in base.last_stage)
 
     def forward(self, pixels: Tensor) -> Tensor:
         grid, detail = self.base.forward_detail(pixels, self.stride)  # (B, C, h, w), (B, C', h', w')
-        h, w = int(grid.shape[-2]), int(grid.shape[-1])
-        detail = adaptive_pool(detail, (h * self.factor, w * self.factor))  # a no-op where sizes divide
-        return torch.cat([grid, F.pixel_unshuffle(detail, self.factor)], dim=1)
+        return fold_into_cells(grid, detail, self.factor)
 
 
-class ColourGridEncoder(ImageEncoder):
+class ColourGridEncoder(CellsEncoder):
     """A backbone's grid with the mean colour of ``cells x cells`` sub-cells of each grid cell appended.
 
     An ImageNet backbone's last grid (7 x 7 at 224 px) says what is where but keeps colour only weakly, and a
@@ -293,18 +308,11 @@ class ColourGridEncoder(ImageEncoder):
     def __init__(self, base: ImageEncoder, cells: int) -> None:
         if cells < 1:
             raise ValueError(f"colour cells must be >= 1, got {cells}")
-        super().__init__(
-            f"{base.name}+colour{cells}", base.out_channels + 3 * cells * cells, base.preprocess, 0
-        )
-        self.base = base
+        super().__init__(base, f"{base.name}+colour{cells}", 3 * cells * cells)
         self.cells = cells
-        self.last_stage = tuple(f"base.{name}" for name in base.last_stage)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        grid = self.base(pixels)  # (B, C, h, w)
-        h, w = int(grid.shape[-2]), int(grid.shape[-1])
-        colours = adaptive_pool(pixels, (h * self.cells, w * self.cells))  # (B, 3, h * s, w * s)
-        return torch.cat([grid, F.pixel_unshuffle(colours, self.cells)], dim=1)  # (B, C + 3 s^2, h, w)
+        return fold_into_cells(self.base(pixels), pixels, self.cells)  # (B, C + 3 s^2, h, w)
 
 
 def _pool_weights(size: int, cells: int) -> Tensor:

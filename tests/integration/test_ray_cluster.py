@@ -31,6 +31,13 @@ from training.tune.report import NODE_TAG, PARENT_TAG
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A ``snap2caption`` command joining the cluster, as its own process; it must succeed."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
 def test_two_worker_training_runs_one_rank_on_each_node(
     ray_cluster: RayCluster,  # noqa: F811
     caption_data: Path,  # noqa: F811
@@ -44,9 +51,7 @@ def test_two_worker_training_runs_one_rank_on_each_node(
         "model.encoder.trainable=none", "max_steps=4", "batch_size=4", "threads=1",
     ]  # fmt: skip
     # The registry fixture set MLFLOW_TRACKING_URI in os.environ; the cluster's env was taken before it.
-    env = ray_cluster.env | {"MLFLOW_TRACKING_URI": registry.tracking_uri}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    done = _run(command, ray_cluster.env | {"MLFLOW_TRACKING_URI": registry.tracking_uri})
 
     nodes = dict(re.findall(r"rank (\d+): Ray node (\w+)", done.stdout))
     assert sorted(nodes) == ["0", "1"], done.stdout
@@ -73,9 +78,7 @@ def test_search_runs_one_trial_on_each_node(
         "model.encoder.trainable=none", "train.max_steps=8", "train.eval_every=4",
         "train.captions_per_image=1", "train.threads=1",
     ]  # fmt: skip
-    env = ray_cluster.env | {"MLFLOW_TRACKING_URI": registry.tracking_uri}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    done = _run(command, ray_cluster.env | {"MLFLOW_TRACKING_URI": registry.tracking_uri})
 
     trials = json.loads((out / "trials.json").read_text())
     assert [t["status"] for t in trials] == ["finished", "finished"], trials
@@ -112,8 +115,7 @@ def test_backfill_decodes_on_one_node_and_captions_on_the_other(
         "--features", "caption", "--actors", "1", "--actor-cpus", "0.6", "--batch-size", "2",
         "--tracking-uri", registry_uri, "--address", ray_cluster.address, "--no-progress",
     ]  # fmt: skip
-    done = subprocess.run(command, env=ray_cluster.env, capture_output=True, text=True, timeout=480)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    _run(command, ray_cluster.env)
 
     summary = json.loads((out / "summary.json").read_text())
     images = 3 * len(COLOURS)

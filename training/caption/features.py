@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +133,25 @@ def _onnx_runner(encoder: ImageEncoder, folder: Path) -> Callable[[Tensor], Tens
     return lambda pixels: torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0])
 
 
+@contextlib.contextmanager
+def encoder_runner(
+    encoder: ImageEncoder, runtime: Runtime, device: torch.device
+) -> Iterator[Callable[[Tensor], Tensor]]:
+    """What computes the encoder's (B, C, h, w) grids from (B, 3, H, W) pixels, for any number of passes:
+    eager PyTorch on ``device``, or ``onnxruntime`` (the encoder exported once, to a temporary folder kept
+    for as long as this is open). The encoder is in eval mode meanwhile."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        if runtime == "onnxruntime":
+            with tempfile.TemporaryDirectory() as folder:
+                yield _onnx_runner(encoder, Path(folder))
+        else:
+            yield lambda pixels: encoder(pixels.to(device))
+    finally:
+        encoder.train(was_training)
+
+
 @torch.inference_mode()
 def extract_features(
     encoder: ImageEncoder,
@@ -144,6 +163,7 @@ def extract_features(
     dtype: torch.dtype,
     runtime: Runtime = "torch",
     progress: bool = True,
+    run: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run the encoder over every image of a split, in manifest order.
 
@@ -156,26 +176,23 @@ def extract_features(
         dtype: Stored dtype.
         runtime: ``torch``, or ``onnxruntime`` (CPU; the encoder is exported to a temporary ONNX file).
         progress: Show a tqdm bar.
+        run: An open :func:`encoder_runner` to use instead of one for ``runtime`` (one ONNX export for
+            several splits).
 
     Returns:
         (N, C, h, w) features on CPU in ``dtype``.
     """
-    was_training = encoder.training
-    encoder.eval()
     rows: list[Tensor] = []
     loader = image_loader(split.paths, encoder.preprocess, batch_size, num_workers)
     with contextlib.ExitStack() as stack:
-        if runtime == "onnxruntime":
-            run = _onnx_runner(encoder, Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        else:
-            run = lambda pixels: encoder(pixels.to(device))  # noqa: E731
+        if run is None:
+            run = stack.enter_context(encoder_runner(encoder, runtime, device))
         bar = stack.enter_context(
             tqdm(total=len(split), desc=f"features {split.name}", unit="img", disable=not progress)
         )
         for pixels in loader:
             rows.append(run(pixels).to("cpu", dtype))  # (B, C, h, w)
             bar.update(pixels.shape[0])
-    encoder.train(was_training)
     return torch.cat(rows)
 
 

@@ -58,7 +58,7 @@ from training.callbacks.progress import ProgressCallback
 from training.caption.config import CaptionRunConfig
 from training.caption.data import CaptionPairs, SplitData, image_loader, manifest_path
 from training.caption.evaluate import EvalResult, evaluate_split, pairs_right
-from training.caption.features import cached_features, extract_features
+from training.caption.features import cached_features, encoder_runner, extract_features
 from training.caption.model_card import DataFacts, is_synthetic, model_card, write_model_card
 from training.caption.train import (
     CaptionTrainer,
@@ -469,22 +469,26 @@ def encode_held_out(
     ran the eager encoder over its images, the test images twice)."""
     cfg = config.train
     runtime = cfg.feature_runtime if device.type == "cpu" else "torch"
-    wanted = {"test": splits.test.head(cfg.test_max_images) if splits.test is not None else None}
-    wanted["val"] = splits.val
-    return {
-        name: extract_features(
-            model.encoder,
-            split,
-            batch_size=cfg.feature_batch_size,
-            num_workers=cfg.num_workers,
-            device=device,
-            dtype=torch.float32,
-            runtime=runtime,
-            progress=False,
-        )
-        for name, split in wanted.items()
+    test = splits.test.head(cfg.test_max_images) if splits.test is not None else None
+    wanted = {
+        name: split
+        for name, split in (("test", test), ("val", splits.val))
         if split is not None and len(split)
     }
+    with encoder_runner(model.encoder, runtime, device) as run:  # one ONNX export for both splits
+        return {
+            name: extract_features(
+                model.encoder,
+                split,
+                batch_size=cfg.feature_batch_size,
+                num_workers=cfg.num_workers,
+                device=device,
+                dtype=torch.float32,
+                progress=False,
+                run=run,
+            )
+            for name, split in wanted.items()
+        }
 
 
 def test_model(
