@@ -303,8 +303,11 @@ class CaptionModel(nn.Module):
         mask = torch.cat(
             [attention_mask.new_ones(batch, prefix.shape[1]), attention_mask], dim=1
         )  # (B, P + T)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        logits = out.logits[:, prefix.shape[1] :]  # (B, T, V)
+        # The LM head runs over the caption positions only: the prefix positions' logits are never used.
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=input_ids.shape[1]
+        )
+        logits = out.logits  # (B, T, V)
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, -100)
         loss = F.cross_entropy(
