@@ -35,7 +35,13 @@ def dvc_project(tmp_path: Path) -> Path:
     params["synth"]["images"] = 40  # same stages and flags, fewer images
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     dvc = str(Path(sys.executable).with_name("dvc"))
-    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "config", "core.analytics", "false"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [dvc, "init", "-q"],
+        [dvc, "config", "core.analytics", "false"],
+        # Its own DVC state and index, not the machine-wide /var/tmp/dvc that other projects share.
+        [dvc, "config", "core.site_cache_dir", str(tmp_path / ".dvc" / "site")],
+    ):
         assert _run(cmd, tmp_path).returncode == 0
     return tmp_path
 

@@ -39,7 +39,14 @@ def _project(root: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["synth"]["images"] = 80  # over 64: synth renders in a process pool, and the ETL decodes in one
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [DVC, "init", "-q"],
+        [DVC, "config", "core.analytics", "false"],
+        # DVC's state (file hashes by inode and mtime) and index live in /var/tmp/dvc by default, shared by
+        # every project on the machine and keyed by folder; each project here keeps its own.
+        [DVC, "config", "core.site_cache_dir", str(root / ".dvc" / "site")],
+    ):
         _run(cmd, root)
     return root
 
@@ -55,6 +62,17 @@ def _hashes(root: Path, ignored: set[str]) -> dict[str, str]:
     return found
 
 
+def _differences(found: dict[str, str], expected: dict[str, str]) -> str:
+    """What a failed comparison shows: the paths missing, extra or with other bytes (a few of each)."""
+    missing = sorted(expected.keys() - found.keys())
+    extra = sorted(found.keys() - expected.keys())
+    changed = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    return "; ".join(
+        f"{name} {paths[:5]} ({len(paths)})"
+        for name, paths in [("missing", missing), ("extra", extra), ("changed", changed)]
+    )
+
+
 def _outs(root: Path) -> dict[str, dict[str, object]]:
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     return {out["path"]: out for stage in lock["stages"].values() for out in stage.get("outs", [])}
@@ -65,7 +83,8 @@ def test_two_runs_in_different_folders_give_identical_files_and_locks(tmp_path: 
     second = _project(tmp_path / "another-clone-in-a-longer-folder" / "b")
     for project in (first, second):
         _run([DVC, "repro", "etl"], project)
-        assert "up to date" in _run([DVC, "status", "etl"], project).stdout.lower()
+        status = _run([DVC, "status", "etl"], project)
+        assert "up to date" in status.stdout.lower(), status.stdout + status.stderr
 
     # The ETL's incremental cache holds absolute paths and file times: DVC leaves it out of the hash.
     cache = "data/processed/.etl_cache.json"
@@ -73,7 +92,8 @@ def test_two_runs_in_different_folders_give_identical_files_and_locks(tmp_path: 
     assert _run([DVC, "check-ignore", cache], first).stdout.strip() == cache
     files = _hashes(first, ignored={cache})
     assert len(files) > 2 * 80  # images, labels, manifests, annotations: the comparison is not vacuous
-    assert _hashes(second, ignored={cache}) == files
+    second_files = _hashes(second, ignored={cache})
+    assert second_files == files, _differences(second_files, files)
     assert _outs(first) == _outs(second)
 
     # The same stage commands with one worker instead of a pool: the order work finishes in changes nothing.
@@ -82,4 +102,5 @@ def test_two_runs_in_different_folders_give_identical_files_and_locks(tmp_path: 
     lock = yaml.safe_load((first / "dvc.lock").read_text())
     for stage in ("synth", "etl"):
         _run(["/bin/sh", "-c", f"{lock['stages'][stage]['cmd']} --workers 1"], third)
-    assert _hashes(third, ignored={cache}) == files
+    third_files = _hashes(third, ignored={cache})
+    assert third_files == files, _differences(third_files, files)
