@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from services.etl.jobs import JobStore
 from services.gateway.db import make_engine
+from snap2caption import db
 from snap2caption.db import use_sqlite_pragmas
 
 
@@ -41,3 +45,53 @@ def test_every_connection_gets_the_pragmas(tmp_path: Path, opener: str) -> None:
         engine.dispose()
     # synchronous: 1 is NORMAL.
     assert pragmas == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1}
+
+
+def _hold_write_lock(path: Path, held: threading.Event, release: threading.Event) -> None:
+    """Another connection, without the project's settings, writing a new file in rollback-journal mode."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE TABLE t (x)")
+        held.set()
+        release.wait(30)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+
+
+def test_a_connection_waits_for_the_wal_switch_while_another_locks_the_file(tmp_path: Path) -> None:
+    # Two gateway workers opening a new database at once: SQLite refuses the journal-mode switch at once
+    # (no busy timeout) while the other holds a lock. The opener retries instead of failing its start.
+    path = tmp_path / "state.db"
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(path, held, release))
+    holder.start()
+    assert held.wait(30)
+    engine = _plain(f"sqlite:///{path}")
+    try:
+        threading.Timer(0.3, release.set).start()  # the other connection commits while this one retries
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+            assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 0
+    finally:
+        release.set()
+        holder.join(30)
+        engine.dispose()
+
+
+def test_a_lock_held_past_the_wait_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "WAL_SWITCH_WAIT_S", 0.2)
+    path = tmp_path / "state.db"
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(path, held, release))
+    holder.start()
+    assert held.wait(30)
+    engine = _plain(f"sqlite:///{path}")
+    try:
+        with pytest.raises(OperationalError, match="database is locked"):
+            engine.connect()
+    finally:
+        release.set()
+        holder.join(30)
+        engine.dispose()
