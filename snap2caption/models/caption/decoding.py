@@ -86,12 +86,11 @@ def repeated_bigrams(targets: Iterable[list[int]]) -> list[list[int]]:
 
 def banned_repeat_tokens(rows: list[list[int]], repeatable: set[tuple[int, int]]) -> list[list[int]]:
     """For each row of generated tokens, the tokens that would make a pair it already holds occur again,
-    unless that pair is ``repeatable``."""
-    banned = []
-    for tokens in rows:
-        last = tokens[-1] if tokens else None
-        banned.append([b for a, b in itertools.pairwise(tokens) if a == last and (a, b) not in repeatable])
-    return banned
+    unless that pair is ``repeatable``: the repeated bigrams of :func:`banned_ngram_tokens`, less those."""
+    return [
+        [b for b in banned if (tokens[-1], b) not in repeatable]
+        for tokens, banned in zip(rows, banned_ngram_tokens(rows, 2), strict=True)
+    ]
 
 
 @dataclass
