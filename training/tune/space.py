@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from snap2caption.config import ConfigError, Override, dotted_keys, unknown_key_message
+from snap2caption.models.caption.config import CaptionConfig
 from training.caption.config import CaptionRunConfig
 from training.detector.config import DetectorRunConfig
 
@@ -27,6 +28,9 @@ KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 def caption_space(config: CaptionRunConfig) -> dict[str, Any]:
     """The default caption search: learning rate, effective batch (size x accumulation), prefix length,
     mapping network, and the decoder's size (from scratch) or its LoRA rank and alpha (pretrained).
+
+    The transformer mapping is tried only where the base model's mapping settings allow it: the starter's
+    cell coordinates and column order belong to the mlp mapping, so its search keeps the mlp.
 
     A decoder trained from scratch trains whole: LoRA would freeze its random weights, so rank and alpha
     are searched only where ``model.lora.enabled`` (a pretrained decoder, e.g. the ``paper`` preset), and
@@ -42,8 +46,10 @@ def caption_space(config: CaptionRunConfig) -> dict[str, Any]:
         "train.batch_size": {"choice": [16, 32, 64]},
         "train.grad_accum": {"choice": [1, 2]},
         "model.prefix_len": {"choice": prefixes},
-        "model.mapping.type": {"choice": ["mlp", "transformer"]},
     }
+    mappings = [m for m in ("mlp", "transformer") if _allows(model, f"mapping.type={m}")]
+    if len(mappings) > 1:
+        space["model.mapping.type"] = {"choice": mappings}
     if model.lora.enabled:
         space |= {"model.lora.r": {"choice": [4, 8, 16]}, "model.lora.alpha": {"choice": [8, 16, 32]}}
     if model.decoder.pretrained is None:
@@ -53,6 +59,15 @@ def caption_space(config: CaptionRunConfig) -> dict[str, Any]:
             "model.decoder.n_embd": {"choice": [128, 256]},
         }
     return space
+
+
+def _allows(model: CaptionConfig, override: str) -> bool:
+    """Whether one ``key=value`` override of the model config gives a valid config."""
+    try:
+        model.with_overrides([override])
+    except ConfigError:
+        return False
+    return True
 
 
 def detector_space(config: DetectorRunConfig) -> dict[str, Any]:

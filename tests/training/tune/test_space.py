@@ -27,6 +27,13 @@ def test_the_default_spaces_name_config_keys_and_fit_the_base_model() -> None:
         # LoRA only on a pretrained decoder; the decoder's size only on one trained from scratch.
         assert ("model.lora.r" in space) == config.model.lora.enabled
         assert ("model.decoder.n_layer" in space) == (config.model.decoder.pretrained is None)
+        # Every value the search tries for a model setting makes a valid model on its own: the starter's
+        # mlp-only settings (cell coordinates, column order) kept the transformer mapping out of its search.
+        for key, spec in space.items():
+            if key.startswith("model.") and "choice" in spec:
+                for value in spec["choice"]:
+                    config.model.with_overrides([f"{key}={value}"])
+        assert ("model.mapping.type" in space) == (preset != "starter")
     check_space(detector_space(DetectorRunConfig.load("starter")), DetectorRunConfig)
 
 
