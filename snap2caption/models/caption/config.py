@@ -61,6 +61,10 @@ class MappingConfig:
         coords: Fourier bands of each cell's centre appended to its features (``mlp`` only): the cell's
             (x, y) in [-1, 1] and their sine and cosine at ``coords`` frequencies (2 + 4 * coords
             channels); 0 adds none.
+        order: Order of the prefix tokens (``mlp`` only; the transformer's prefix is its learned queries):
+            ``columns`` runs down each column of cells, the leftmost column first, the order in which the
+            synthetic benchmark's captions name objects (left to right); ``rows`` is raster order. An
+            artifact written before this setting existed has ``rows`` (``read_artifact_info``).
     """
 
     type: Literal["mlp", "transformer"] = "mlp"
@@ -70,6 +74,7 @@ class MappingConfig:
     grid: int = 7
     dropout: float = 0.0
     coords: int = 2
+    order: Literal["rows", "columns"] = "columns"
 
 
 @dataclass
@@ -186,6 +191,11 @@ class CaptionConfig:
             problems.append(f"mapping.coords must be 0 (off) to 8, got {m.coords}")
         if m.coords and m.type != "mlp":
             problems.append("mapping.coords applies to the mlp mapping only (the transformer has its own)")
+        if m.order != "rows" and m.type != "mlp":
+            problems.append(
+                "mapping.order applies to the mlp mapping only (the transformer's prefix is its learned "
+                "queries): set mapping.order=rows"
+            )
         if not 0 <= self.encoder.colour_cells <= 8:
             problems.append(f"encoder.colour_cells must be 0 (off) to 8, got {self.encoder.colour_cells}")
         detail_strides = (4,) if self.encoder.name == "tiny" else (8, 16)

@@ -51,6 +51,7 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("encoder", "colour_cells"): 0,
     ("encoder", "detail_stride"): 0,
     ("mapping", "coords"): 0,
+    ("mapping", "order"): "rows",
 }
 
 

@@ -56,15 +56,26 @@ def _prefix_grid(prefix_len: int) -> tuple[int, int]:
 
 
 class MlpMapping(nn.Module):
-    """Grid cells -> prefix tokens: pool the grid to P cells, then a 2-layer MLP per cell."""
+    """Grid cells -> prefix tokens: pool the grid to P cells, then a 2-layer MLP per cell; the tokens come
+    in raster order (``order="rows"``) or column by column, the leftmost first (``"columns"``)."""
 
     def __init__(
-        self, in_channels: int, width: int, prefix_len: int, hidden: int, dropout: float, coords: int = 0
+        self,
+        in_channels: int,
+        width: int,
+        prefix_len: int,
+        hidden: int,
+        dropout: float,
+        coords: int = 0,
+        order: str = "rows",
     ) -> None:
         super().__init__()
         self.grid = _prefix_grid(prefix_len)
         self.coords: Tensor
         self.register_buffer("coords", cell_coordinates(self.grid, coords), persistent=False)  # (P, K)
+        self.by_columns = order == "columns"
+        self.columns: Tensor
+        self.register_buffer("columns", column_major(self.grid), persistent=False)  # (P,)
         self.net = nn.Sequential(
             nn.Linear(in_channels + self.coords.shape[1], hidden),
             nn.GELU(),
@@ -79,7 +90,16 @@ class MlpMapping(nn.Module):
         if self.coords.shape[1]:
             where = self.coords.to(cells.dtype).expand(cells.shape[0], -1, -1)  # (B, P, K)
             cells = torch.cat([cells, where], dim=2)  # (B, P, C + K)
+        if self.by_columns:
+            cells = cells[:, self.columns]  # (B, P, C + K), column by column
         return cast(Tensor, self.net(cells))  # (B, P, D)
+
+
+def column_major(grid: tuple[int, int]) -> Tensor:
+    """(P,) the row-major index of each cell taken column by column, the leftmost column first, each
+    from the top: (2, 3) -> [0, 3, 1, 4, 2, 5]."""
+    gh, gw = grid
+    return torch.arange(gh * gw).reshape(gh, gw).t().reshape(-1)
 
 
 def cell_coordinates(grid: tuple[int, int], bands: int) -> Tensor:
@@ -203,6 +223,7 @@ class CaptionModel(nn.Module):
                 config.mapping.hidden,
                 config.mapping.dropout,
                 config.mapping.coords,
+                config.mapping.order,
             )
         else:
             self.mapping = TransformerMapping(

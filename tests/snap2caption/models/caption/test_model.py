@@ -109,6 +109,7 @@ def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:
     [
         ("lora.r=abc", "lora.r must be an integer"),
         ("encoder.name=vit", "encoder.name must be one of"),
+        ("mapping.order=diagonal", "mapping.order must be one of"),
         ("decoder.n_head=3", "divisible"),
         ("decoding.max_new_tokens=200", "n_positions"),
         ("novalue", "not key=value"),
@@ -117,6 +118,11 @@ def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:
 def test_bad_values_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny_config(override)
+
+
+def test_prefix_order_applies_to_the_mlp_mapping_only() -> None:
+    with pytest.raises(ConfigError, match=r"mapping\.order applies to the mlp mapping only"):
+        tiny_config("mapping.type=transformer", "mapping.order=columns")
 
 
 # ------------------------------------------------------------------------------------ model, loss

@@ -166,8 +166,10 @@ def test_the_onnx_runtime_never_imports_torch(artifact: Path) -> None:
         ("model.mapping.type=transformer", "model.mapping.num_layers=2", "model.mapping.num_heads=2"),
         # the starter's cell coordinates (a constant the exported encoder has to carry)
         ("model.mapping.coords=2",),
+        # the starter's prefix order, column by column (a gather the exported encoder has to carry)
+        ("model.mapping.coords=2", "model.mapping.order=columns"),
     ],
-    ids=["transformer", "cell coordinates"],
+    ids=["transformer", "cell coordinates", "columns order"],
 )
 def test_other_mappings_export_and_caption_alike(tmp_path: Path, overrides: tuple[str, ...]) -> None:
     model, folder = saved_tiny(tmp_path / "artifact", *overrides)

@@ -19,7 +19,7 @@ from snap2caption.models.caption.decoding import (
     mask_logits,
     repeated_bigrams,
 )
-from snap2caption.models.caption.model import CaptionModel, cell_coordinates
+from snap2caption.models.caption.model import CaptionModel, cell_coordinates, column_major
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
 from tests.snap2caption.models.caption.conftest import TINY
 
@@ -107,3 +107,22 @@ def test_coordinates_widen_the_mapping_input_only(tok: CaptionTokenizer, pixels:
     assert first_placed.in_features == first_plain.in_features + 2 + 4 * 2
     assert placed.encode(pixels).shape == plain.encode(pixels).shape
     assert "mapping.coords" not in placed.state_dict()  # a constant, rebuilt from the config
+
+
+def test_column_major_takes_the_cells_column_by_column_from_the_left() -> None:
+    assert column_major((2, 3)).tolist() == [0, 3, 1, 4, 2, 5]
+    assert column_major((7, 7))[:8].tolist() == [0, 7, 14, 21, 28, 35, 42, 1]
+
+
+def test_the_columns_order_permutes_the_prefix_tokens_and_nothing_else(
+    tok: CaptionTokenizer, pixels: torch.Tensor
+) -> None:
+    by_rows = CaptionModel(CaptionConfig.from_yaml(TINY, ["mapping.coords=2"]), tok).eval()
+    by_columns = CaptionModel(
+        CaptionConfig.from_yaml(TINY, ["mapping.coords=2", "mapping.order=columns"]), tok
+    ).eval()
+    by_columns.load_state_dict(by_rows.state_dict())  # same weights: only the order differs
+    with torch.no_grad():
+        rows, columns = by_rows.encode(pixels), by_columns.encode(pixels)  # (B, 4, D): a 2 x 2 grid
+    assert torch.equal(columns, rows[:, [0, 2, 1, 3]])  # top-left, bottom-left, top-right, bottom-right
+    assert not torch.equal(columns, rows)
