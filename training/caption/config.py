@@ -77,6 +77,11 @@ class TrainConfig:
         test_max_images: Test images scored at the end (0 = all).
         num_samples: Image/reference/prediction triples kept with the metrics.
         log_every: Log training metrics (loss, learning rate, images/s) every this many optimizer steps.
+        attention_supervision: Weight of the attention loss (0 = off): while a caption's phrase is written,
+            head 0 of decoder layer ``attention_layer`` is trained to look at the prefix cells of the boxes
+            the phrase names (:mod:`training.caption.attention`; the ETL's boxes; the ``mlp`` mapping).
+            Training only: the model and its export are unchanged.
+        attention_layer: The decoder layer (from 0) whose head 0 is supervised.
     """
 
     batch_size: int = 64
@@ -112,6 +117,8 @@ class TrainConfig:
     test_max_images: int = 0
     num_samples: int = 20
     log_every: int = 10
+    attention_supervision: float = 0.0
+    attention_layer: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,6 +137,7 @@ class TrainConfig:
             "max_steps", "warmup_steps", "checkpoint_every", "eval_every", "patience", "seed", "threads",
             "num_workers", "captions_per_image", "eval_max_images", "eval_num_beams", "test_max_images",
             "num_samples", "time_budget_min", "reserve_min", "clip_grad_norm", "weight_decay",
+            "attention_supervision", "attention_layer",
         )  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -129,11 +129,15 @@ def image_loader(
     )
 
 
-class CaptionPairs(Dataset[tuple[Tensor, str]]):
-    """Every (image, caption) pair of a split; item ``i`` is ``(image input, caption)``.
+Pair = tuple[Tensor, str, Tensor | None]
+
+
+class CaptionPairs(Dataset[Pair]):
+    """Every (image, caption) pair of a split; item ``i`` is ``(image input, caption, attention targets)``.
 
     The image input is row ``j`` of precomputed ``features`` (C, h, w), or the preprocessed pixels
-    (3, H, W) of the image file when ``features`` is None.
+    (3, H, W) of the image file when ``features`` is None. The attention targets are None until
+    :meth:`add_attention_targets`.
 
     Args:
         split: The split.
@@ -159,16 +163,29 @@ class CaptionPairs(Dataset[tuple[Tensor, str]]):
         self.images = ImageDataset(split.paths, preprocess) if preprocess is not None else None
         keep = captions_per_image or None
         self.pairs = [(i, c) for i, caps in enumerate(split.captions) for c in caps[:keep]]
+        self.attention: Tensor | None = None
+
+    def add_attention_targets(self, preprocess: Preprocess, grid: tuple[int, int]) -> int:
+        """Compute each pair's per-phrase attention targets from the manifest's boxes
+        (:mod:`training.caption.attention`); returns how many pairs got targets."""
+        from training.caption.attention import MAX_PHRASES, phrase_targets, read_boxes
+
+        images = read_boxes(self.split.data_dir, self.split.name, self.split.image_ids)
+        self.attention = phrase_targets(
+            [c for _, c in self.pairs], [images[i] for i, _ in self.pairs], preprocess, grid, MAX_PHRASES
+        )
+        return int((self.attention.flatten(1).sum(1) > 0).sum())
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+    def __getitem__(self, index: int) -> Pair:
         image, caption = self.pairs[index]
+        targets = self.attention[index] if self.attention is not None else None
         if self.features is not None:
-            return self.features[image], caption  # (C, h, w), stored dtype
+            return self.features[image], caption, targets  # (C, h, w), stored dtype
         assert self.images is not None
-        return self.images[image], caption  # (3, H, W)
+        return self.images[image], caption, targets  # (3, H, W)
 
 
 @dataclass
@@ -180,12 +197,15 @@ class CaptionBatch:
         input_ids: (B, T) ``<bos> tokens <eos> <pad>..``.
         attention_mask: (B, T) 1 on real tokens.
         is_features: Whether ``images`` holds features (else pixels).
+        attention_targets: (B, T, P) where each caption position should look among the prefix cells
+            (:func:`training.caption.attention.token_targets`), or None.
     """
 
     images: Tensor
     input_ids: Tensor
     attention_mask: Tensor
     is_features: bool
+    attention_targets: Tensor | None = None
 
     @property
     def n_targets(self) -> int:
@@ -198,6 +218,7 @@ class CaptionBatch:
             self.input_ids.to(device, non_blocking=True),
             self.attention_mask.to(device, non_blocking=True),
             self.is_features,
+            None if self.attention_targets is None else self.attention_targets.to(device, non_blocking=True),
         )
 
 
@@ -208,11 +229,20 @@ class CaptionCollator:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.is_features = is_features
+        self.separators: set[int] | None = None  # phrase ends, once pairs bring attention targets
 
-    def __call__(self, items: Sequence[tuple[Tensor, str]]) -> CaptionBatch:
-        images = torch.stack([image for image, _ in items]).float()
-        input_ids, attention_mask = self.tokenizer.batch_encode([c for _, c in items], self.max_tokens)
-        return CaptionBatch(images, input_ids, attention_mask, self.is_features)
+    def __call__(self, items: Sequence[Pair]) -> CaptionBatch:
+        from training.caption.attention import separator_ids, token_targets
+
+        images = torch.stack([image for image, _, _ in items]).float()
+        input_ids, attention_mask = self.tokenizer.batch_encode([c for _, c, _ in items], self.max_tokens)
+        targets = [t for _, _, t in items if t is not None]
+        per_token = None
+        if targets and len(targets) == len(items):
+            if self.separators is None:
+                self.separators = separator_ids(self.tokenizer)
+            per_token = token_targets(input_ids, torch.stack(targets), self.separators, self.tokenizer.eos_id)
+        return CaptionBatch(images, input_ids, attention_mask, self.is_features, per_token)
 
 
 def epoch_batches(n_pairs: int, effective_batch: int, seed: int, epoch: int) -> list[list[int]]:

@@ -43,7 +43,7 @@ from snap2caption.models.caption.calibration import (
 from snap2caption.models.caption.decoding import repeated_bigrams
 from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
-from snap2caption.models.caption.model import CaptionModel, build_tokenizer
+from snap2caption.models.caption.model import CaptionModel, MlpMapping, build_tokenizer
 from snap2caption.models.domain import DEFAULT_FALSE_REJECTION_RATE, DomainModel, fit_domain
 from snap2caption.monitoring.reference import (
     REFERENCE_FILE,
@@ -368,7 +368,7 @@ def training_pairs(
     cfg = config.train
     if not uses_cached_features(config):
         pairs = CaptionPairs(splits.train, cfg.captions_per_image, preprocess=model.preprocess)
-        return pairs, None
+        return with_attention_targets(config, model, pairs), None
     with timed(timings, "features_s"):
         cache = Path(config.run.features) if config.run.features else Path(config.run.out) / "features"
         options: dict[str, Any] = {
@@ -383,7 +383,45 @@ def training_pairs(
         val_features = None
         if splits.val is not None:
             val_features = cached_features(model.encoder, splits.val, cache, **options)
-    return CaptionPairs(splits.train, cfg.captions_per_image, features=train_features), val_features
+    pairs = CaptionPairs(splits.train, cfg.captions_per_image, features=train_features)
+    return with_attention_targets(config, model, pairs), val_features
+
+
+def with_attention_targets(
+    config: CaptionRunConfig, model: CaptionModel, pairs: CaptionPairs
+) -> CaptionPairs:
+    """The pairs, with per-phrase attention targets when ``train.attention_supervision`` is on.
+
+    Raises:
+        ConfigError: Supervision asked of a model whose prefix tokens are not grid cells (the transformer
+            mapping), or of a layer the decoder does not have.
+    """
+    cfg = config.train
+    if not cfg.attention_supervision:
+        return pairs
+    if not isinstance(model.mapping, MlpMapping):
+        raise ConfigError(
+            "train.attention_supervision needs model.mapping.type=mlp (prefix tokens that are cells)"
+        )
+    n_layer = model.decoder.config.n_layer
+    if cfg.attention_layer >= n_layer:
+        raise ConfigError(
+            f"train.attention_layer must be below the decoder's {n_layer} layers, got {cfg.attention_layer}"
+        )
+    supervised = pairs.add_attention_targets(model.preprocess, model.mapping.grid)
+    if not supervised:
+        logger.warning(
+            "train.attention_supervision: no training pair has phrases matched to boxes (does the manifest "
+            "hold boxes, and do the captions list the boxes' categories?); training on captions alone"
+        )
+    logger.info(
+        "attention supervision (weight %g, layer %d): %d of %d training pairs have phrases matched to boxes",
+        cfg.attention_supervision,
+        cfg.attention_layer,
+        supervised,
+        len(pairs),
+    )
+    return pairs
 
 
 def describe_run(config: CaptionRunConfig, splits: Splits, pairs: CaptionPairs) -> Provenance:

@@ -282,10 +282,18 @@ class CaptionTrainer:
             batch = batch.to(self.device)
             with strategy.accumulating(self.forward_module, last=i == len(micro_batches) - 1):
                 with self.autocast():
-                    inputs = {"features": batch.images} if batch.is_features else {"pixels": batch.images}
+                    inputs: dict[str, Any] = (
+                        {"features": batch.images} if batch.is_features else {"pixels": batch.images}
+                    )
+                    if batch.attention_targets is not None and self.cfg.attention_supervision:
+                        inputs["attention_targets"] = batch.attention_targets
+                        inputs["attention_layer"] = self.cfg.attention_layer
                     out = self.forward_module(batch.input_ids, batch.attention_mask, **inputs)
                 assert out.loss is not None
-                loss = out.loss * (batch.n_targets / n_targets)
+                loss = out.loss
+                if out.attention_loss is not None:
+                    loss = loss + self.cfg.attention_supervision * out.attention_loss
+                loss = loss * (batch.n_targets / n_targets)
                 self.scaler.scale(loss * strategy.world_size).backward()
             total += loss.detach()
         total = strategy.all_sum(total)

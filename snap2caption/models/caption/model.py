@@ -17,9 +17,10 @@ caption tokens ``w_1 .. <eos>`` are predicted; prefix, BOS and padding positions
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -155,10 +156,26 @@ class CaptionOutput:
     Attributes:
         loss: Mean cross-entropy over caption tokens (None without ``input_ids`` targets to score).
         logits: (B, T, V) logits at the caption positions; ``logits[:, i]`` predicts ``input_ids[:, i + 1]``.
+        attention_loss: With ``attention_targets``: :func:`attention_loss` of the supervised head (not
+            added to ``loss``; the trainer weighs it).
     """
 
     loss: Tensor | None
     logits: Tensor
+    attention_loss: Tensor | None = None
+
+
+def attention_loss(attention: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy between (B, T, P) target distributions over the prefix and the (B, T, P)
+    attention a head pays the prefix (renormalised over it), over the positions that have a target (a
+    non-zero row); 0 when none has."""
+    attention = attention.float()
+    attention = attention / attention.sum(-1, keepdim=True).clamp_min(1e-6)
+    supervised = targets.sum(-1) > 0  # (B, T)
+    if not bool(supervised.any()):
+        return attention.sum() * 0.0
+    cross_entropy = -(targets * attention.clamp_min(1e-6).log()).sum(-1)  # (B, T)
+    return cross_entropy[supervised].mean()
 
 
 class CaptionModel(nn.Module):
@@ -301,6 +318,8 @@ class CaptionModel(nn.Module):
         *,
         pixels: Tensor | None = None,
         features: Tensor | None = None,
+        attention_targets: Tensor | None = None,
+        attention_layer: int = 1,
     ) -> CaptionOutput:
         """Teacher-forced pass and LM loss over the caption tokens.
 
@@ -312,9 +331,14 @@ class CaptionModel(nn.Module):
                 never targets.
             pixels: (B, 3, H, W) preprocessed images, or
             features: (B, C, h, w) precomputed encoder features.
+            attention_targets: (B, T, P) where caption position ``t`` (which predicts token ``t + 1``) should
+                look among the P prefix cells, row-major over the prefix grid (all zeros: anywhere); the
+                pass then also scores head 0 of decoder layer ``attention_layer`` against them
+                (``attention_loss``). It runs the decoder's eager attention, which returns the weights.
 
         Returns:
-            The loss (mean over target tokens) and the (B, T, V) caption-position logits.
+            The loss (mean over target tokens), the (B, T, V) caption-position logits and, with
+            ``attention_targets``, the attention loss.
         """
         prefix = self.encode(pixels, features=features)  # (B, P, D)
         batch = input_ids.shape[0]
@@ -325,9 +349,14 @@ class CaptionModel(nn.Module):
             [attention_mask.new_ones(batch, prefix.shape[1]), attention_mask], dim=1
         )  # (B, P + T)
         # The LM head runs over the caption positions only: the prefix positions' logits are never used.
-        out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=input_ids.shape[1]
-        )
+        with self._eager_attention(attention_targets is not None):
+            out = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                use_cache=False,
+                logits_to_keep=input_ids.shape[1],
+                output_attentions=attention_targets is not None,
+            )
         logits = out.logits  # (B, T, V)
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, -100)
@@ -336,7 +365,26 @@ class CaptionModel(nn.Module):
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
         )
-        return CaptionOutput(loss=loss, logits=logits)
+        supervised = None
+        if attention_targets is not None:
+            p = prefix.shape[1]
+            head = out.attentions[attention_layer][:, 0, p:, :p]  # (B, T, P) caption positions -> prefix
+            if isinstance(self.mapping, MlpMapping) and self.mapping.by_columns:
+                attention_targets = attention_targets[:, :, self.mapping.columns]  # as the prefix is laid out
+            supervised = attention_loss(head, attention_targets.to(head.device))
+        return CaptionOutput(loss=loss, logits=logits, attention_loss=supervised)
+
+    @contextlib.contextmanager
+    def _eager_attention(self, eager: bool) -> Iterator[None]:
+        """Run the decoder's eager attention inside (the only one that returns its weights)."""
+        config = self.decoder.config
+        before = config._attn_implementation
+        if eager:
+            config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     # ---------------------------------------------------------------------------------- decoding
 
