@@ -28,28 +28,34 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="session")
-def caption_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ETL output (manifests, resized images) of a small synthetic shapes benchmark."""
+def synthetic_etl(root: Path, *, boxes: bool) -> Path:
+    """The ETL output (manifests, resized images) of N_IMAGES synthetic scenes written under ``root``; with
+    ``boxes`` the manifests also hold each image's boxes (the instances file)."""
     from snap2caption.data.etl import EtlConfig, run_etl
     from snap2caption.data.synth import SynthConfig, write_synth
 
-    root = tmp_path_factory.mktemp("caption_data")
     write_synth(
         root / "synth", SynthConfig(images=N_IMAGES, seed=3, image_size=96, workers=1), progress=False
     )
+    annotations = root / "synth" / "annotations"
     out = root / "processed"
     run_etl(
         EtlConfig(
             source="coco",
             images=root / "synth" / "images",
-            annotations=[root / "synth" / "annotations" / "captions.json"],
+            annotations=[annotations / "captions.json"] + ([annotations / "instances.json"] if boxes else []),
             out=out,
             workers=1,
         ),
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def caption_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ETL output of a small synthetic shapes benchmark, captions only."""
+    return synthetic_etl(tmp_path_factory.mktemp("caption_data"), boxes=False)
 
 
 def new_registry(template: Path, folder: Path) -> Registry:

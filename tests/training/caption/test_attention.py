@@ -15,7 +15,7 @@ from snap2caption.imaging.transforms import Preprocess
 from snap2caption.models.caption.config import CaptionConfig
 from snap2caption.models.caption.model import CaptionModel
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
-from tests.training.caption.conftest import tiny_run
+from tests.training.caption.conftest import synthetic_etl, tiny_run
 from training.callbacks.base import Callback
 from training.caption.attention import (
     cell_shares,
@@ -135,25 +135,8 @@ def test_the_attention_loss_trains_the_head_toward_its_targets(tok: CaptionToken
 
 @pytest.fixture(scope="module")
 def boxed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ETL output of a small synthetic benchmark with its boxes (``caption_data`` has captions only)."""
-    from snap2caption.data.etl import EtlConfig, run_etl
-    from snap2caption.data.synth import SynthConfig, write_synth
-
-    root = tmp_path_factory.mktemp("boxed_data")
-    write_synth(root / "synth", SynthConfig(images=72, seed=3, image_size=96, workers=1), progress=False)
-    annotations = root / "synth" / "annotations"
-    out = root / "processed"
-    run_etl(
-        EtlConfig(
-            source="coco",
-            images=root / "synth" / "images",
-            annotations=[annotations / "captions.json", annotations / "instances.json"],
-            out=out,
-            workers=1,
-        ),
-        progress=False,
-    )
-    return out
+    """The same benchmark with its boxes in the manifests (``caption_data`` has captions only)."""
+    return synthetic_etl(tmp_path_factory.mktemp("boxed_data"), boxes=True)
 
 
 def test_a_run_with_attention_supervision_trains_on_the_boxes(boxed_data: Path, tmp_path: Path) -> None:
