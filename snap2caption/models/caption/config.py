@@ -34,14 +34,15 @@ class EncoderConfig:
             An artifact written before this setting existed has it off (``read_artifact_info``).
         detail_stride: 0 (off), or fold the backbone's finer feature map at this stride (16 or 8; 4 for
             ``tiny``) into each grid cell (``(32 / stride)**2`` times its channels: 448 for
-            efficientnet_lite0 at 16; ``DetailGridEncoder``). Off in artifacts written before it existed.
+            efficientnet_lite0 at 16; ``DetailGridEncoder``); 16 in the starter. Off in artifacts written
+            before it existed.
     """
 
     name: Literal["efficientnet_lite0", "resnet50", "tiny"] = "efficientnet_lite0"
     pretrained: bool | str = True
     trainable: Literal["none", "last", "all"] = "none"
     colour_cells: int = 8
-    detail_stride: int = 0
+    detail_stride: int = 16
 
 
 @dataclass
