@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from snap2caption.config import ConfigError, from_dict
 from snap2caption.models.caption.config import CaptionConfig
+from snap2caption.models.domain import DEFAULT_FALSE_REJECTION_RATE
 from training.config import RunConfig, TrainingConfig
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
@@ -82,6 +83,10 @@ class TrainConfig:
             the phrase names (:mod:`training.caption.attention`; the ETL's boxes; the ``mlp`` mapping).
             Training only: the model and its export are unchanged.
         attention_layer: The decoder layer (from 0) whose head 0 is supervised.
+        domain_false_rejection_rate: The share of in-domain images the model's domain check may reject
+            (``alpha`` of :mod:`snap2caption.models.domain`): its threshold is calibrated on the validation
+            split, which needs at least ``ceil(1 / alpha) - 1`` images (else the artifact has no domain
+            model). Lower rejects fewer in-domain images and lets images nearer the domain through.
     """
 
     batch_size: int = 64
@@ -119,6 +124,7 @@ class TrainConfig:
     log_every: int = 10
     attention_supervision: float = 0.0
     attention_layer: int = 1
+    domain_false_rejection_rate: float = DEFAULT_FALSE_REJECTION_RATE
 
     def __post_init__(self) -> None:
         problems = []
@@ -146,6 +152,9 @@ class TrainConfig:
             problems.append(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.beta2 < 1:
             problems.append("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.beta2 in (0, 1)")
+        alpha = self.domain_false_rejection_rate
+        if not 0 < alpha < 0.5:
+            problems.append(f"train.domain_false_rejection_rate must be in (0, 0.5), got {alpha}")
         if self.time_budget_min and self.reserve_min >= self.time_budget_min:
             problems.append("train.reserve_min must be below train.time_budget_min")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

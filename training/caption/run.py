@@ -44,7 +44,7 @@ from snap2caption.models.caption.decoding import repeated_bigrams
 from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, MlpMapping, build_tokenizer
-from snap2caption.models.domain import DEFAULT_FALSE_REJECTION_RATE, DomainModel, fit_domain
+from snap2caption.models.domain import DomainModel, fit_domain
 from snap2caption.monitoring.reference import (
     REFERENCE_FILE,
     DriftReference,
@@ -82,13 +82,12 @@ logger = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {
     "epochs", "max_steps", "time_budget_min", "reserve_min", "checkpoint_every", "keep_checkpoints",
     "eval_every", "patience", "device", "threads", "num_workers", "log_every", "metrics_scorer",
-    "test_max_images", "num_samples", "eval_batch_size",
+    "test_max_images", "num_samples", "eval_batch_size", "domain_false_rejection_rate",
 }  # fmt: skip
 
 # The domain model (``domain.json``): fitted on at most this many training images (a seeded sample),
-# calibrated on the validation split to this false-rejection rate.
+# calibrated on the validation split to ``train.domain_false_rejection_rate``.
 DOMAIN_FIT_MAX_IMAGES = 2000
-DOMAIN_FALSE_REJECTION_RATE = DEFAULT_FALSE_REJECTION_RATE
 
 
 @dataclass
@@ -565,7 +564,7 @@ def describe_domain(
 ) -> DomainModel | None:
     """The final model's training domain (:mod:`snap2caption.models.domain`) in its ``prefix.pooled``
     feature space: fitted on (a seeded sample of at most ``DOMAIN_FIT_MAX_IMAGES``) training images,
-    calibrated on the validation split to ``DOMAIN_FALSE_REJECTION_RATE``, its in-domain rejection rate
+    calibrated on the validation split to ``train.domain_false_rejection_rate``, its in-domain rejection rate
     measured on the test split (computed from pixels, as the served model computes it). The counts and
     the rate go into ``domain.json``'s ``extra``, the run summary and MLflow.
 
@@ -573,13 +572,14 @@ def describe_domain(
         None (with a warning; the artifact then has no domain model) without a validation split large
         enough to calibrate the rate.
     """
-    need = int(np.ceil(1.0 / DOMAIN_FALSE_REJECTION_RATE)) - 1
+    alpha = config.train.domain_false_rejection_rate
+    need = int(np.ceil(1.0 / alpha)) - 1
     if splits.val is None or len(splits.val) < need:
         found = len(splits.val) if splits.val is not None else 0
         logger.warning(
             "no domain model: %d validation images cannot calibrate a false-rejection rate of %s (need %d)",
             found,
-            DOMAIN_FALSE_REJECTION_RATE,
+            alpha,
             need,
         )
         return None
@@ -608,9 +608,7 @@ def describe_domain(
             test = _pooled_from_pixels(model, test_paths, batch, config.train.num_workers)
     finally:
         model.train(was_training)
-    domain = fit_domain(
-        fit, calibration, feature=DOMAIN_FEATURE, false_rejection_rate=DOMAIN_FALSE_REJECTION_RATE
-    )
+    domain = fit_domain(fit, calibration, feature=DOMAIN_FEATURE, false_rejection_rate=alpha)
     facts: dict[str, Any] = {
         "dataset_version": provenance.facts.version,
         "fit_split": train.name,
@@ -629,14 +627,14 @@ def describe_domain(
         train.name,
         facts["n_calibration"],
         splits.val.name,
-        DOMAIN_FALSE_REJECTION_RATE,
+        alpha,
         facts["test_rejection_rate"],
     )
     if tracker is not None:
         metrics = {
             "domain_n_fit": float(facts["n_fit"]),
             "domain_n_calibration": float(facts["n_calibration"]),
-            "domain_false_rejection_rate": DOMAIN_FALSE_REJECTION_RATE,
+            "domain_false_rejection_rate": alpha,
         }
         if facts["test_rejection_rate"] is not None:
             metrics["domain_test_rejection_rate"] = float(facts["test_rejection_rate"])

@@ -75,6 +75,8 @@ def test_unknown_key_in_the_yaml_train_section(tmp_path: Path) -> None:
         ("lr=fast", "lr must be a number"),
         ("time_budget_min=0.5", "reserve_min must be below"),
         ("device=tpu", "device must be"),
+        ("domain_false_rejection_rate=0", r"domain_false_rejection_rate must be in \(0, 0\.5\)"),
+        ("domain_false_rejection_rate=0.5", r"domain_false_rejection_rate must be in \(0, 0\.5\)"),
     ],
 )
 def test_bad_train_values_are_refused(override: str, message: str) -> None:

@@ -137,6 +137,31 @@ def test_training_writes_the_domain_into_the_artifact_its_manifest_the_summary_a
     assert run.data.metrics["domain_n_calibration"] == len(val)
 
 
+def test_the_false_rejection_rate_is_a_train_setting(
+    domain_run: tuple[RunResult, str], domain_data: Path, tmp_path: Path
+) -> None:
+    """``train.domain_false_rejection_rate`` (0.01 in the starter) is the rate the artifact is calibrated
+    to; the same calibration images at a lower rate reject no more of themselves than the rate allows."""
+    config = tiny_run(
+        domain_data,
+        tmp_path / "run",
+        "max_steps=30",
+        "model.encoder.trainable=none",
+        "run.mlflow=false",
+        "run.register=false",
+        "train.domain_false_rejection_rate=0.01",
+    )
+    result = train_caption(config)
+    info = json.loads((result.artifact_dir / DOMAIN_FILE).read_text())
+    assert info["false_rejection_rate"] == 0.01
+    assert info["n_calibration"] == len(SplitData.load(domain_data, "val"))
+    assert info["calibration_rejection_rate"] <= 0.01  # conformal: at most floor(alpha * (n + 1) - 1) of n
+    summary = json.loads((result.out_dir / "metrics.json").read_text())["domain"]
+    assert summary["false_rejection_rate"] == 0.01
+    default = json.loads((domain_run[0].artifact_dir / DOMAIN_FILE).read_text())
+    assert default["false_rejection_rate"] == DEFAULT_FALSE_REJECTION_RATE
+
+
 def test_a_tampered_or_half_domain_model_fails_the_load_and_none_is_a_legacy_artifact(
     domain_run: tuple[RunResult, str], tmp_path: Path
 ) -> None:
