@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_post import analyze
 from result_json import BenchRecord, add_out_argument
 
 from training.caption.data import SplitData
@@ -104,15 +105,8 @@ def run(url: str, split: SplitData, timeout_s: float) -> list[Scene]:
     references = split.references()
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
         for image_id, path in zip(split.image_ids, split.paths, strict=True):
-            data = Path(path).read_bytes()
-            try:
-                response = client.post("/v1/analyze", files={"file": (Path(path).name, data)})
-            except httpx.HTTPError as exc:
-                print(f"{image_id}: no answer ({exc})", flush=True)
-                scenes.append(scene(image_id, references[image_id], 0, None))
-                continue
-            body = response.json() if response.status_code == 200 else None
-            scenes.append(scene(image_id, references[image_id], response.status_code, body))
+            status, body = analyze(client, Path(path).name, Path(path).read_bytes(), image_id)
+            scenes.append(scene(image_id, references[image_id], status, body))
     return scenes
 
 

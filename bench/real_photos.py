@@ -41,6 +41,7 @@ import httpx
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_post import analyze
 from result_json import BenchRecord, add_out_argument
 
 from snap2caption.data.synth.scene import PLURALS, SHAPES
@@ -173,14 +174,8 @@ def run(url: str, photos: Sequence[str], variants: Sequence[str], timeout_s: flo
         for name, original in loaded:
             for variant in variants:
                 data = png(VARIANTS[variant](original))
-                try:
-                    response = client.post("/v1/analyze", files={"file": (f"{name}.png", data, "image/png")})
-                except httpx.HTTPError as exc:
-                    print(f"{name}/{variant}: no answer ({exc})", flush=True)
-                    answers.append(Answer(name, variant, 0))
-                    continue
-                body = response.json() if response.status_code == 200 else None
-                answers.append(answer(name, variant, response.status_code, body))
+                status, body = analyze(client, f"{name}.png", data, f"{name}/{variant}")
+                answers.append(answer(name, variant, status, body))
     return answers
 
 
