@@ -7,6 +7,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 YOLO_OFFLINE=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
 start=$(date +%s)
+tmp="${TMPDIR:-/tmp}"
+echo "== disk: $(df -h --output=avail "$tmp" | tail -1 | tr -d ' ') free in $tmp (a full run needs ~4 GB there)"
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
 echo "== pytest"
