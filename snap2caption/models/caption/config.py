@@ -99,7 +99,7 @@ class DecoderConfig:
     n_embd: int = 256
     n_head: int = 4
     n_positions: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.0
     vocab_size: int | None = None
 
 
