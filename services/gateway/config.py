@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.gateway.db import default_database_url
+from services.gateway.images import PNG_MAX_PIXELS
 from snap2caption.alt_text import DEFAULT_MIN_CONFIDENCE
 from snap2caption.http import ServiceSettings
 
@@ -94,8 +95,13 @@ class Settings(ServiceSettings):
     backend_max_side: int = Field(
         default=1024, ge=32, description="Longest side of the normalised image the backends get."
     )
-    backend_image_format: Literal["jpeg", "png"] = Field(
-        default="jpeg", description="Encoding of the normalised image (JPEG q95 4:4:4, or lossless PNG)."
+    backend_image_format: Literal["auto", "jpeg", "png"] = Field(
+        default="auto",
+        description="Encoding of the normalised image: JPEG q95 4:4:4, lossless PNG, or auto (PNG up to "
+        "backend_png_max_pixels, JPEG above).",
+    )
+    backend_png_max_pixels: int = Field(
+        default=PNG_MAX_PIXELS, ge=1, description="The largest normalised image `auto` sends as PNG."
     )
     decode_threads: int = Field(default=2, ge=1, le=64, description="Images decoded at once.")
     allow_private_urls: bool = Field(

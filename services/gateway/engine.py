@@ -288,7 +288,7 @@ class Gateway:
         s = self.settings
         image = await run_sync(
             normalise_image, data, self.limits, s.backend_max_side, s.backend_image_format,
-            limiter=self._decode_limiter,
+            s.backend_png_max_pixels, limiter=self._decode_limiter,
         )  # fmt: skip
         metrics.INPUT_IMAGE_BYTES.observe(image.n_bytes)
         metrics.INPUT_IMAGE_PIXELS.observe(image.width * image.height)

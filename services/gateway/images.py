@@ -7,6 +7,13 @@ DCT, Pillow's ``draft``) to at most ``backend_max_side`` pixels on the longer si
 upright RGB result. The backends never see the raw upload: they get a small plain JPEG (q95, 4:4:4) or
 PNG (fast compression), one frame, no EXIF, that their own decoder (which still checks everything, as
 for any caller) reads cheaply whatever format and size came in.
+
+``auto`` (the gateway's default) sends PNG, lossless, while the copy has at most ``png_max_pixels`` pixels
+and JPEG above. A second JPEG generation moves what the models see away from the pixels they were trained
+and calibrated on: on 256 px scenes it changed 9 of 285 captions and their calibrated confidences, where
+the models hardly downscale. PNG costs little at that size (4 ms to encode at 256 px, 19 ms at 512 px on
+this machine) and much on large photos (73 ms at 1024 px, against 11 ms for JPEG), which the models shrink
+to their input size anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import io
 from dataclasses import dataclass, field
 
 from snap2caption.imaging import DecodeLimits, decode_image, probe_image
+
+PNG_MAX_PIXELS = 512 * 512  # ``auto``: the largest copy sent as PNG
 
 
 @dataclass(frozen=True)
@@ -46,14 +55,21 @@ class NormalisedImage:
     original: bytes = field(repr=False)
 
 
-def normalise_image(data: bytes, limits: DecodeLimits, max_side: int, encoding: str) -> NormalisedImage:
+def normalise_image(
+    data: bytes,
+    limits: DecodeLimits,
+    max_side: int,
+    encoding: str,
+    png_max_pixels: int = PNG_MAX_PIXELS,
+) -> NormalisedImage:
     """Check, decode (EXIF orientation applied, first frame, alpha on white), shrink and re-encode.
 
     Args:
         data: The raw upload.
         limits: Byte and pixel caps, checked before any pixel is decoded.
         max_side: Longest side of the normalised copy (never upscaled).
-        encoding: ``jpeg`` or ``png``.
+        encoding: ``jpeg``, ``png``, or ``auto``: PNG up to ``png_max_pixels`` pixels, JPEG above.
+        png_max_pixels: The largest copy ``auto`` sends as PNG.
 
     Raises:
         PayloadTooLarge, UnsupportedFormat, ImageTooLarge, CorruptImage: From the shared decoder.
@@ -62,6 +78,8 @@ def normalise_image(data: bytes, limits: DecodeLimits, max_side: int, encoding: 
     decoded = decode_image(data, limits, max_side=max_side)
     width, height = stored.upright_size(decoded.orientation)
     buffer = io.BytesIO()
+    if encoding == "auto":
+        encoding = "png" if decoded.width * decoded.height <= png_max_pixels else "jpeg"
     if encoding == "png":
         decoded.image.save(buffer, format="PNG", compress_level=1)
         content_type = "image/png"

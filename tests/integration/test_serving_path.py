@@ -216,10 +216,17 @@ def test_auto_serves_onnx_runtime_and_the_answer_is_the_onnx_models(served: Serv
     assert models["caption"]["version"] == captioner["version"]
     assert models["objects"]["version"] == detector["detector"]["version"]
 
-    # The caption is the ONNX model's answer for the image the gateway sends (its defaults: JPEG, 1,024 px).
+    # The caption is the ONNX model's answer for the image the gateway sends (its defaults: at most 1,024 px,
+    # PNG up to 512 x 512 pixels and JPEG above).
     settings = GatewaySettings()
     limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-    sent = normalise_image(data, limits, settings.backend_max_side, settings.backend_image_format)
+    sent = normalise_image(
+        data,
+        limits,
+        settings.backend_max_side,
+        settings.backend_image_format,
+        settings.backend_png_max_pixels,
+    )
     captioner = caption.load(served.trained.caption_artifact, "onnx")
     pixels = prepare_image(sent.data, input_spec(captioner, None), DEFAULT_LIMITS)[None]  # (1, 3, H, W)
     [expected] = captioner.generate(pixels)

@@ -58,7 +58,7 @@ def direct(url: str, path: str, data: bytes, content_type: str, **params: Any) -
 
 def expected_objects(stack: Stack, data: bytes) -> tuple[list[dict[str, Any]], float, float]:
     """The detector's objects for the image the gateway sends it, and the scale back to the original."""
-    sent = normalise_image(data, LIMITS, BACKEND_MAX_SIDE, "jpeg")
+    sent = normalise_image(data, LIMITS, BACKEND_MAX_SIDE, "auto")  # the gateway's default
     result = direct(stack.detector.url, "/v1/detect", sent.data, sent.content_type)
     return result["objects"], sent.width / sent.sent_width, sent.height / sent.sent_height
 
@@ -87,7 +87,7 @@ def test_analyze_relays_every_backend_answer_with_boxes_in_the_original_frame(st
     assert body["image"] == {"width": 600, "height": 400, "format": "png"}
     assert body["errors"] == []
 
-    sent = normalise_image(data, LIMITS, BACKEND_MAX_SIDE, "jpeg")
+    sent = normalise_image(data, LIMITS, BACKEND_MAX_SIDE, "auto")  # the gateway's default
     assert (sent.sent_width, sent.sent_height) == (256, 171)
     caption = direct(stack.captioner.url, "/v1/caption", sent.data, sent.content_type)
     assert body["caption"] == {

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import random
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from services.gateway.images import normalise_image
+from services.gateway.config import Settings
+from services.gateway.images import PNG_MAX_PIXELS, normalise_image
 from snap2caption.errors import CorruptImage, ImageTooLarge, PayloadTooLarge, UnsupportedFormat
 from snap2caption.imaging import DecodeLimits
 
@@ -62,3 +64,24 @@ def test_normalise_png_is_lossless() -> None:
 def test_normalise_refuses_what_the_decoder_refuses(data: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
         normalise_image(data, LIMITS, max_side=100, encoding="jpeg")
+
+
+def test_auto_sends_small_copies_lossless_and_large_ones_as_jpeg() -> None:
+    """``auto`` (the gateway's default): PNG, pixel for pixel, up to ``png_max_pixels``; JPEG above."""
+    rng = random.Random(0)
+    original = Image.new("RGB", (64, 48))
+    original.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(64 * 48)])
+    data = _encode(original, "JPEG", quality=80)  # a lossy upload: its decoded pixels are what must arrive
+    decoded = Image.open(io.BytesIO(data)).convert("RGB")
+
+    small = normalise_image(data, LIMITS, max_side=100, encoding="auto", png_max_pixels=64 * 48)
+    assert small.content_type == "image/png"
+    assert list(Image.open(io.BytesIO(small.data)).convert("RGB").getdata()) == list(decoded.getdata())
+
+    large = normalise_image(data, LIMITS, max_side=100, encoding="auto", png_max_pixels=64 * 48 - 1)
+    assert large.content_type == "image/jpeg" and Image.open(io.BytesIO(large.data)).format == "JPEG"
+
+
+def test_the_gateway_defaults_to_auto() -> None:
+    settings = Settings()
+    assert settings.backend_image_format == "auto" and settings.backend_png_max_pixels == PNG_MAX_PIXELS
