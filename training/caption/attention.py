@@ -67,6 +67,49 @@ def phrase_boxes(caption: str, boxes: Sequence[Box]) -> list[list[int]] | None:
     return named
 
 
+def prefix_order(
+    caption: str,
+    boxes: Sequence[Box],
+    image_size: tuple[int, int],
+    preprocess: Preprocess,
+    grid: tuple[int, int],
+) -> tuple[str, list[list[int]]] | None:
+    """The caption's phrases in the order the column-major prefix visits their boxes, with the boxes each
+    names; None when its phrases do not all name boxes (:func:`phrase_boxes`).
+
+    A group is placed by its leftmost box's centre: its prefix cell's column, then row (the order the
+    prefix tokens run), then its x. The benchmark orders its groups by x alone, so two objects whose centres
+    share a column come in an order the grid cannot show; in this order each next phrase is the next
+    object down the prefix. The phrases are joined as the benchmark joins them (", " and a final " and ").
+
+    >>> boxes = [("circle", [10, 60, 5, 5]), ("star", [12, 0, 5, 5])]  # one column; the star on top
+    >>> prefix_order("a red circle and a blue star", boxes, (70, 70), Preprocess(70, 70, "bilinear",
+    ...              (0, 0, 0), (1, 1, 1)), (7, 7))
+    ('a blue star and a red circle', [[1], [0]])
+    """
+    named = phrase_boxes(caption, boxes)
+    if named is None:
+        return None
+    width, height = image_size
+    scale = preprocess.resize_short / min(width, height)
+    left = (round(width * scale) - preprocess.crop) / 2
+    top = (round(height * scale) - preprocess.crop) / 2
+    gh, gw = grid
+
+    def place(group: list[int]) -> tuple[int, int, float]:
+        x, y, w, h = boxes[group[0]][1]
+        cx, cy = (float(x) + float(w) / 2) * scale - left, (float(y) + float(h) / 2) * scale - top
+        column = min(max(int(cx * gw // preprocess.crop), 0), gw - 1)
+        row = min(max(int(cy * gh // preprocess.crop), 0), gh - 1)
+        return column, row, cx
+
+    phrases = [p.strip() for p in _PHRASE_BREAK.split(caption.strip())]
+    order = sorted(range(len(named)), key=lambda k: (place(named[k]), k))
+    texts = [phrases[k] for k in order]
+    text = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
+    return text, [named[k] for k in order]
+
+
 def _centre(bbox: Sequence[float]) -> float:
     return float(bbox[0]) + float(bbox[2]) / 2
 
@@ -133,13 +176,14 @@ def phrase_targets(
     preprocess: Preprocess,
     grid: tuple[int, int],
     max_phrases: int,
+    matches: Sequence[list[list[int]] | None] | None = None,
 ) -> Tensor:
     """(N, max_phrases, gh * gw) float16 attention targets of N (caption, image) pairs: phrase ``k``'s
     cell shares (:func:`cell_shares`), zeros for phrases past the caption's last or captions whose phrases
-    do not all name boxes (:func:`phrase_boxes`)."""
+    do not all name boxes (:func:`phrase_boxes`, or the boxes ``matches`` gives each caption's phrases)."""
     out = np.zeros((len(captions), max_phrases, grid[0] * grid[1]), np.float32)
     for n, (caption, (size, boxes)) in enumerate(zip(captions, images, strict=True)):
-        named = phrase_boxes(caption, boxes)
+        named = phrase_boxes(caption, boxes) if matches is None else matches[n]
         for k, picked in enumerate((named or [])[:max_phrases]):
             out[n, k] = cell_shares([boxes[i][1] for i in picked], size, preprocess, grid)
     return torch.from_numpy(out).half()

@@ -83,6 +83,10 @@ class TrainConfig:
             the phrase names (:mod:`training.caption.attention`; the ETL's boxes; the ``mlp`` mapping).
             Training only: the model and its export are unchanged.
         attention_layer: The decoder layer (from 0) whose head 0 is supervised.
+        phrase_order: With attention supervision, the order of a training caption's phrases: ``written``
+            (as the data has them; the synthetic benchmark's by each object's x), or ``prefix``: the order the
+            column-major prefix visits their boxes (column, then row; :func:`training.caption.attention.
+            prefix_order`), so the next object named is always the next one down the prefix.
         domain_false_rejection_rate: The share of in-domain images the model's domain check may reject
             (``alpha`` of :mod:`snap2caption.models.domain`): its threshold is calibrated on the validation
             split, which needs at least ``ceil(1 / alpha) - 1`` images (else the artifact has no domain
@@ -124,6 +128,7 @@ class TrainConfig:
     log_every: int = 10
     attention_supervision: float = 0.0
     attention_layer: int = 1
+    phrase_order: Literal["written", "prefix"] = "written"
     domain_false_rejection_rate: float = DEFAULT_FALSE_REJECTION_RATE
 
     def __post_init__(self) -> None:

@@ -165,14 +165,32 @@ class CaptionPairs(Dataset[Pair]):
         self.pairs = [(i, c) for i, caps in enumerate(split.captions) for c in caps[:keep]]
         self.attention: Tensor | None = None
 
-    def add_attention_targets(self, preprocess: Preprocess, grid: tuple[int, int]) -> int:
+    def add_attention_targets(
+        self, preprocess: Preprocess, grid: tuple[int, int], *, prefix_order: bool = False
+    ) -> int:
         """Compute each pair's per-phrase attention targets from the manifest's boxes
-        (:mod:`training.caption.attention`); returns how many pairs got targets."""
+        (:mod:`training.caption.attention`); returns how many pairs got targets.
+
+        With ``prefix_order``, each caption whose phrases all name boxes is first rewritten with its phrases
+        in the order the column-major prefix visits their boxes (:func:`~training.caption.attention.
+        prefix_order`): the training target then changes, not only its attention targets.
+        """
         from training.caption.attention import MAX_PHRASES, phrase_targets, read_boxes
+        from training.caption.attention import prefix_order as reorder
 
         images = read_boxes(self.split.data_dir, self.split.name, self.split.image_ids)
+        matches = None
+        if prefix_order:
+            ordered = [reorder(c, images[i][1], images[i][0], preprocess, grid) for i, c in self.pairs]
+            self.pairs = [(i, o[0] if o else c) for (i, c), o in zip(self.pairs, ordered, strict=True)]
+            matches = [o[1] if o else None for o in ordered]
         self.attention = phrase_targets(
-            [c for _, c in self.pairs], [images[i] for i, _ in self.pairs], preprocess, grid, MAX_PHRASES
+            [c for _, c in self.pairs],
+            [images[i] for i, _ in self.pairs],
+            preprocess,
+            grid,
+            MAX_PHRASES,
+            matches,
         )
         return int((self.attention.flatten(1).sum(1) > 0).sum())
 

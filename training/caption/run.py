@@ -407,7 +407,9 @@ def with_attention_targets(
         raise ConfigError(
             f"train.attention_layer must be below the decoder's {n_layer} layers, got {cfg.attention_layer}"
         )
-    supervised = pairs.add_attention_targets(model.preprocess, model.mapping.grid)
+    supervised = pairs.add_attention_targets(
+        model.preprocess, model.mapping.grid, prefix_order=cfg.phrase_order == "prefix"
+    )
     if not supervised:
         logger.warning(
             "train.attention_supervision: no training pair has phrases matched to boxes (does the manifest "

@@ -92,6 +92,10 @@ class DecoderConfig:
         n_positions: Longest sequence, prefix included: at least P + 2 + max caption tokens.
         dropout: Residual, embedding and attention dropout.
         vocab_size: Output vocabulary; None = the tokenizer's size (resolved when the model is built).
+        activation: The MLP's activation (transformers' ``activation_function``) of a decoder trained from
+            scratch: ``gelu_pytorch_tanh`` (GPT-2's tanh GELU, one fused kernel), ``gelu`` (exact GELU) or
+            ``relu``; a pretrained decoder keeps its own. An artifact written before this setting existed
+            has ``gelu_pytorch_tanh`` (``read_artifact_info``).
     """
 
     pretrained: str | None = None
@@ -101,6 +105,7 @@ class DecoderConfig:
     n_positions: int = 128
     dropout: float = 0.0
     vocab_size: int | None = None
+    activation: Literal["gelu_pytorch_tanh", "gelu", "relu"] = "gelu_pytorch_tanh"
 
 
 @dataclass

@@ -52,6 +52,7 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("encoder", "detail_stride"): 0,
     ("mapping", "coords"): 0,
     ("mapping", "order"): "rows",
+    ("decoder", "activation"): "gelu_pytorch_tanh",
 }
 
 

@@ -613,9 +613,7 @@ def _build_decoder(
             n_embd=d.n_embd,
             n_layer=d.n_layer,
             n_head=d.n_head,
-            # GPT-2's tanh GELU as PyTorch's fused kernel: the function of transformers' "gelu_new" (which
-            # runs it as five Python ops), 1.24x the starter's training steps per second on one CPU thread.
-            activation_function="gelu_pytorch_tanh",
+            activation_function=d.activation,
             **dropout,
             **specials,
         )

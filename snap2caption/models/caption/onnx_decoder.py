@@ -32,13 +32,14 @@ if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
 
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+_ACTIVATIONS = (*_GELU_TANH, "gelu", "relu")
 
 
 def unsupported(config: Any) -> list[str]:
     """What in a ``GPT2Config`` this graph does not implement (empty: it is exact)."""
     problems = []
-    if config.activation_function not in _GELU_TANH:
-        problems.append(f"activation {config.activation_function!r} (only the tanh GELU)")
+    if config.activation_function not in _ACTIVATIONS:
+        problems.append(f"activation {config.activation_function!r} (only {', '.join(_ACTIVATIONS)})")
     if not config.scale_attn_weights or config.scale_attn_by_inverse_layer_idx:
         problems.append("attention scaling other than 1/sqrt(head size)")
     if config.reorder_and_upcast_attn or getattr(config, "add_cross_attention", False):
@@ -122,11 +123,16 @@ def build_decoder_step(gpt2: GPT2LMHeadModel, opset: int = 17) -> Any:
     to_heads = g.const("heads_shape", np.array([0, 0, heads, head], np.int64))  # (N, S, H, D/H)
     to_width = g.const("width_shape", np.array([0, 0, width], np.int64))
     scale = g.const("scale", np.array(math.sqrt(head), np.float32))
-    half = g.const("half", np.array(0.5, np.float32))
-    one = g.const("onef", np.array(1.0, np.float32))
-    cube = g.const("cube", np.array(3.0, np.float32))
-    gelu_a = g.const("gelu_a", np.array(0.044715, np.float32))
-    gelu_b = g.const("gelu_b", np.array(math.sqrt(2.0 / math.pi), np.float32))
+    activation_function = config.activation_function
+    if activation_function != "relu":  # the constants of the GELUs, only where used (no unused initializers)
+        half = g.const("half", np.array(0.5, np.float32))
+        one = g.const("onef", np.array(1.0, np.float32))
+    if activation_function == "gelu":
+        root_half = g.const("root_half", np.array(math.sqrt(0.5), np.float32))
+    if activation_function in _GELU_TANH:
+        cube = g.const("cube", np.array(3.0, np.float32))
+        gelu_a = g.const("gelu_a", np.array(0.044715, np.float32))
+        gelu_b = g.const("gelu_b", np.array(math.sqrt(2.0 / math.pi), np.float32))
 
     def linear(h: str, module: Any, stem: str) -> str:
         # transformers' Conv1D: weight (in, out), y = x @ W + b
@@ -136,6 +142,18 @@ def build_decoder_step(gpt2: GPT2LMHeadModel, opset: int = 17) -> Any:
     def norm(h: str, module: Any, stem: str) -> str:
         gamma, beta = g.const(f"{stem}.weight", _np(module.weight)), g.const(f"{stem}.bias", _np(module.bias))
         return g.op("LayerNormalization", [h, gamma, beta], axis=-1, epsilon=eps)
+
+    def activation(f: str) -> str:
+        if activation_function == "relu":
+            return g.op("Relu", [f])
+        if activation_function == "gelu":  # 0.5 f (1 + erf(f / sqrt(2))), as torch's exact GELU
+            return g.op(
+                "Mul",
+                [g.op("Mul", [half, f]), g.op("Add", [one, g.op("Erf", [g.op("Mul", [f, root_half])])])],
+            )
+        # 0.5 f (1 + tanh(sqrt(2/pi) (f + 0.044715 f^3))), as transformers' NewGELUActivation
+        inner = g.op("Mul", [gelu_b, g.op("Add", [f, g.op("Mul", [gelu_a, g.op("Pow", [f, cube])])])])
+        return g.op("Mul", [g.op("Mul", [half, f]), g.op("Add", [one, g.op("Tanh", [inner])])])
 
     def split_heads(h: str) -> str:
         return g.op("Transpose", [g.op("Reshape", [h, to_heads])], perm=[0, 2, 1, 3])  # (N, H, S, D/H)
@@ -160,9 +178,7 @@ def build_decoder_step(gpt2: GPT2LMHeadModel, opset: int = 17) -> Any:
         merged = g.op("Reshape", [g.op("Transpose", [mixed], perm=[0, 2, 1, 3]), to_width])
         x = g.op("Add", [x, linear(merged, block.attn.c_proj, f"{stem}.attn.c_proj")])
         f = linear(norm(x, block.ln_2, f"{stem}.ln_2"), block.mlp.c_fc, f"{stem}.mlp.c_fc")
-        # 0.5 f (1 + tanh(sqrt(2/pi) (f + 0.044715 f^3))), as transformers' NewGELUActivation
-        inner = g.op("Mul", [gelu_b, g.op("Add", [f, g.op("Mul", [gelu_a, g.op("Pow", [f, cube])])])])
-        f = g.op("Mul", [g.op("Mul", [half, f]), g.op("Add", [one, g.op("Tanh", [inner])])])
+        f = activation(f)
         x = g.op("Add", [x, linear(f, block.mlp.c_proj, f"{stem}.mlp.c_proj")])
 
     last = g.op("Gather", [x, g.op("Sub", [new, g.const("one", np.array(1, np.int64))])], axis=1)  # (N, D)

@@ -3,6 +3,7 @@ targets, the loss on the decoder's head, and a training run that uses it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from training.caption.attention import (
     cell_shares,
     phrase_boxes,
     phrase_targets,
+    prefix_order,
     separator_ids,
     token_targets,
 )
@@ -59,6 +61,28 @@ def test_each_phrase_names_the_boxes_of_its_shape_from_the_left() -> None:
     assert phrase_boxes("a circle left of a square", boxes) is None
     assert phrase_boxes("two shapes: a red circle and a blue square", boxes) is None
     assert phrase_boxes("there is a red circle", boxes) is None
+
+
+def test_prefix_order_lists_the_phrases_down_the_column_major_prefix() -> None:
+    # 256 x 256, 16-px border cropped, 32-px cells. Written by x alone: square (x 52), circle (x 60), two
+    # stars (x 130, 200). The circle shares the square's column (1) but lies above it, so it comes first; the
+    # stars stay one group, placed by their leftmost member (column 3).
+    boxes = [
+        ("star", [120, 100, 20, 20]),
+        ("square", [42, 210, 20, 20]),
+        ("circle", [50, 20, 20, 20]),
+        ("star", [190, 10, 20, 20]),
+    ]
+    caption = "a blue square, a red circle and two green stars"
+    text, named = prefix_order(caption, boxes, (256, 256), PREPROCESS, (7, 7))
+    assert text == "a red circle, a blue square and two green stars"
+    assert named == [[2], [1], [0, 3]]
+    # The targets of the rewritten caption follow its phrases: the circle's cell first.
+    targets = phrase_targets([text], [((256, 256), boxes)], PREPROCESS, (7, 7), 4, [named])
+    assert targets[0, 0, 0 * 7 + 1] == 1 and float(targets[0, 1, 6 * 7 + 1]) == pytest.approx(0.7, abs=1e-3)
+    # Already in prefix order: unchanged; not a list of boxes: None.
+    assert prefix_order("a red circle", boxes, (256, 256), PREPROCESS, (7, 7)) == ("a red circle", [[2]])
+    assert prefix_order("a circle left of a square", boxes, (256, 256), PREPROCESS, (7, 7)) is None
 
 
 def test_a_box_covers_the_prefix_cells_it_falls_in_after_resize_and_crop() -> None:
@@ -163,7 +187,13 @@ def test_a_run_with_attention_supervision_trains_on_the_boxes(boxed_data: Path, 
     assert pairs.add_attention_targets(PREPROCESS, (2, 2)) == len(pairs)
     # Its other captions ("a red circle at the top left", ...) are not all lists; some are not supervised.
     every = CaptionPairs(SplitData.load(boxed_data, "train"), 0, preprocess=PREPROCESS)
-    assert 0 < every.add_attention_targets(PREPROCESS, (2, 2)) < len(every)
+    supervised = every.add_attention_targets(PREPROCESS, (2, 2))
+    assert 0 < supervised < len(every)
+    # In prefix order the lists are rewritten (the same phrases), the other captions kept as written.
+    written = [c for _, c in every.pairs]
+    assert every.add_attention_targets(PREPROCESS, (2, 2), prefix_order=True) == supervised
+    for before, (_, after) in zip(written, every.pairs, strict=True):
+        assert sorted(re.split(r", | and ", after)) == sorted(re.split(r", | and ", before))
 
 
 def test_a_manifest_without_boxes_supervises_nothing_and_says_so(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,30 @@ def test_a_decoder_the_graph_does_not_implement_is_refused() -> None:
     from snap2caption.models.caption.onnx_decoder import build_decoder_step
 
     sizes = {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 10, "n_positions": 8}
-    config = GPT2Config(**sizes, activation_function="relu")
-    with pytest.raises(ValueError, match="activation 'relu'"):
+    config = GPT2Config(**sizes, activation_function="silu")
+    with pytest.raises(ValueError, match="activation 'silu'"):
         build_decoder_step(GPT2LMHeadModel(config))
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu", "relu"])
+def test_each_activation_the_graph_implements_matches_torch(activation: str) -> None:
+    """``decoder.activation``'s choices: the written step's logits are GPT-2's own for each."""
+    import onnxruntime as ort
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from snap2caption.models.caption.onnx_decoder import build_decoder_step
+
+    torch.manual_seed(0)
+    sizes = {"n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 10, "n_positions": 8}
+    gpt2 = GPT2LMHeadModel(GPT2Config(**sizes, activation_function=activation)).eval()
+    embeds = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = gpt2(inputs_embeds=embeds).logits[:, -1]
+    session = ort.InferenceSession(
+        build_decoder_step(gpt2).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    empty = np.zeros((2, 3, 2, 0, 8), np.float32)  # (L, N, H, T = 0, D/H)
+    logits = session.run(
+        ["logits"], {"inputs_embeds": embeds.numpy(), "past_keys": empty, "past_values": empty}
+    )[0]
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
