@@ -104,6 +104,8 @@ def prefix_order(
         return column, row, cx
 
     phrases = [p.strip() for p in _PHRASE_BREAK.split(caption.strip())]
+    if len(phrases) != len(named):  # split apart from the matching's lower case (" AND "): leave it
+        return None
     order = sorted(range(len(named)), key=lambda k: (place(named[k]), k))
     texts = [phrases[k] for k in order]
     text = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]

@@ -83,6 +83,7 @@ def test_prefix_order_lists_the_phrases_down_the_column_major_prefix() -> None:
     # Already in prefix order: unchanged; not a list of boxes: None.
     assert prefix_order("a red circle", boxes, (256, 256), PREPROCESS, (7, 7)) == ("a red circle", [[2]])
     assert prefix_order("a circle left of a square", boxes, (256, 256), PREPROCESS, (7, 7)) is None
+    assert prefix_order("a blue square AND a red circle", boxes, (256, 256), PREPROCESS, (7, 7)) is None
 
 
 def test_a_box_covers_the_prefix_cells_it_falls_in_after_resize_and_crop() -> None:
