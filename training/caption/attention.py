@@ -90,10 +90,7 @@ def prefix_order(
     named = phrase_boxes(caption, boxes)
     if named is None:
         return None
-    width, height = image_size
-    scale = preprocess.resize_short / min(width, height)
-    left = (round(width * scale) - preprocess.crop) / 2
-    top = (round(height * scale) - preprocess.crop) / 2
+    scale, left, top = _crop_transform(image_size, preprocess)
     gh, gw = grid
 
     def place(group: list[int]) -> tuple[int, int, float]:
@@ -110,6 +107,14 @@ def prefix_order(
     texts = [phrases[k] for k in order]
     text = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
     return text, [named[k] for k in order]
+
+
+def _crop_transform(image_size: tuple[int, int], preprocess: Preprocess) -> tuple[float, float, float]:
+    """(scale, left, top): an image pixel ``(x, y)`` lies at ``(x * scale - left, y * scale - top)`` in the
+    model's input, as :class:`Preprocess` resizes the short side and centre-crops."""
+    width, height = image_size
+    scale = preprocess.resize_short / min(width, height)
+    return scale, (round(width * scale) - preprocess.crop) / 2, (round(height * scale) - preprocess.crop) / 2
 
 
 def _centre(bbox: Sequence[float]) -> float:
@@ -132,10 +137,7 @@ def cell_shares(
     The boxes are mapped as :class:`Preprocess` maps the image (short side resized, centre-cropped); the
     crop is cut into ``grid`` cells. All zeros when no box area falls inside the crop.
     """
-    width, height = image_size
-    scale = preprocess.resize_short / min(width, height)
-    left = (round(width * scale) - preprocess.crop) / 2
-    top = (round(height * scale) - preprocess.crop) / 2
+    scale, left, top = _crop_transform(image_size, preprocess)
     gh, gw = grid
     cell_h, cell_w = preprocess.crop / gh, preprocess.crop / gw
     shares = np.zeros((gh, gw), np.float64)
