@@ -12,7 +12,8 @@ counts, per image:
 - ``right``: the caption names exactly the (colour, shape) pairs of the scene's references (the
   calibration's definition of right, ``training.caption.evaluate.pairs_right``).
 
-It prints the shares of all images, the share of kept captions that are right, and both by the number of
+It prints the shares of all images (the kept one with its 95 % Wilson interval: the sampling error of a
+few hundred scenes), the share of kept captions that are right, and both by the number of
 (colour, shape) pairs in the scene. Not a speed benchmark, so no baseline ratio: the figures are rates,
 written as JSON with the machine and versions like every ``bench/`` result. Example::
 
@@ -22,6 +23,7 @@ written as JSON with the machine and versions like every ``bench/`` result. Exam
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -69,6 +71,20 @@ def scene(image_id: str, references: Sequence[str], status: int, body: dict[str,
     )
 
 
+def wilson_interval(count: int, of: int, z: float = 1.96) -> list[float] | None:
+    """The Wilson score interval (95 % at ``z`` 1.96) of the share ``count / of``; None when ``of`` is 0.
+
+    A share of a few hundred scenes moves by a point or more between samples of the same system; the
+    interval says how far (for 95 % kept of 285 scenes: 0.92-0.97).
+    """
+    if not of:
+        return None
+    p, zz = count / of, z * z
+    centre = (p + zz / (2 * of)) / (1 + zz / of)
+    half = z * math.sqrt(p * (1 - p) / of + zz / (4 * of * of)) / (1 + zz / of)
+    return [round(max(centre - half, 0.0), 4), round(min(centre + half, 1.0), 4)]
+
+
 def _shares(scenes: Sequence[Scene]) -> dict[str, Any]:
     n = len(scenes)
     kept = [s for s in scenes if s.kept]
@@ -80,6 +96,7 @@ def _shares(scenes: Sequence[Scene]) -> dict[str, Any]:
         "images": n,
         "in_domain": share(sum(s.in_domain is True for s in scenes), n),
         "kept": share(len(kept), n),
+        "kept_interval": wilson_interval(len(kept), n),
         "right": share(sum(s.right for s in scenes), n),
         "kept_right": share(sum(s.right for s in kept), len(kept)),
     }
@@ -129,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figures["scenes"] = [asdict(s) for s in scenes]
     print(
         f"{figures['requests']} scenes ({args.split}), {figures['errors']} errors: in domain "
-        f"{figures['in_domain']}, caption kept as alt text {figures['kept']} "
-        f"(right: {figures['kept_right']}), caption right {figures['right']}"
+        f"{figures['in_domain']}, caption kept as alt text {figures['kept']} (95 % interval "
+        f"{figures['kept_interval']}; right: {figures['kept_right']}), caption right {figures['right']}"
     )
     for pairs, shares in figures["by_pairs"].items():
         print(f"  {pairs} pairs: {shares}")

@@ -44,10 +44,20 @@ def test_tally_gives_the_shares_over_the_answered_scenes_and_by_pairs() -> None:
         "images": 1,
         "in_domain": 0.0,
         "kept": 0.0,
+        "kept_interval": [0.0, 0.7935],
         "right": 1.0,
         "kept_right": None,
     }
     assert figures["by_pairs"]["2"]["kept"] == pytest.approx(2 / 3, abs=1e-4)
+    assert figures["kept_interval"] == script.wilson_interval(2, 4)
+
+
+def test_the_kept_share_comes_with_its_wilson_interval() -> None:
+    assert script.wilson_interval(8, 10) == [0.4902, 0.9433]  # worked out by hand from the formula
+    low, high = script.wilson_interval(271, 285)  # 95.1 % kept of a bootstrap's 285 test scenes
+    assert 0.91 < low < 0.951 < high < 0.98
+    assert script.wilson_interval(0, 4)[0] == 0.0 and script.wilson_interval(4, 4)[1] == 1.0
+    assert script.wilson_interval(3, 0) is None
 
 
 def test_a_missing_split_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
