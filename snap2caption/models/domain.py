@@ -196,6 +196,12 @@ class DomainModel:
         (root / DOMAIN_FILE).write_text(text, encoding="utf-8")
 
 
+def min_calibration_images(false_rejection_rate: float) -> int:
+    """The fewest calibration images that can calibrate ``false_rejection_rate``: ``ceil(1 / alpha) - 1``,
+    below which even the farthest image scores a p-value above ``alpha`` and nothing could be rejected."""
+    return int(np.ceil(1.0 / false_rejection_rate)) - 1
+
+
 def fit_domain(
     fit_features: np.ndarray,
     calibration_features: np.ndarray,
@@ -210,7 +216,7 @@ def fit_domain(
     Args:
         fit_features: ``(N, D)`` features of training images (the Gaussian is fitted on them).
         calibration_features: ``(M, D)`` features of in-domain images the fit never saw (the threshold is
-            calibrated on them); at least ``ceil(1 / alpha)`` of them so that any image can be rejected.
+            calibrated on them); at least :func:`min_calibration_images` of them.
         feature: Name of the feature space, checked by loaders.
         false_rejection_rate: ``alpha``, the share of in-domain images that may be rejected.
         components: Principal directions kept (capped at ``min(N - 1, D)``).
@@ -227,10 +233,11 @@ def fit_domain(
         raise ValueError(f"need at least 2 images to fit a domain, got {x.shape[0]}")
     if not 0.0 < false_rejection_rate < 1.0:
         raise ValueError(f"false_rejection_rate must be in (0, 1), got {false_rejection_rate}")
-    if cal.shape[0] < int(np.ceil(1.0 / false_rejection_rate)) - 1:
+    need = min_calibration_images(false_rejection_rate)
+    if cal.shape[0] < need:
         raise ValueError(
             f"{cal.shape[0]} calibration images cannot calibrate a false-rejection rate of "
-            f"{false_rejection_rate}: need at least {int(np.ceil(1.0 / false_rejection_rate)) - 1}"
+            f"{false_rejection_rate}: need at least {need}"
         )
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(cal))):
         raise ValueError("features must be finite")

@@ -23,6 +23,14 @@ from torch.utils.data import DataLoader, Dataset
 from snap2caption.hashing import sha256_file
 from snap2caption.imaging import Preprocess, decode_file
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
+from training.caption.attention import (
+    MAX_PHRASES,
+    phrase_targets,
+    read_boxes,
+    separator_ids,
+    token_targets,
+)
+from training.caption.attention import prefix_order as order_by_prefix
 
 SPLITS = ("train", "val", "test")
 
@@ -175,13 +183,12 @@ class CaptionPairs(Dataset[Pair]):
         in the order the column-major prefix visits their boxes (:func:`~training.caption.attention.
         prefix_order`): the training target then changes, not only its attention targets.
         """
-        from training.caption.attention import MAX_PHRASES, phrase_targets, read_boxes
-        from training.caption.attention import prefix_order as reorder
-
         images = read_boxes(self.split.data_dir, self.split.name, self.split.image_ids)
         matches = None
         if prefix_order:
-            ordered = [reorder(c, images[i][1], images[i][0], preprocess, grid) for i, c in self.pairs]
+            ordered = [
+                order_by_prefix(c, images[i][1], images[i][0], preprocess, grid) for i, c in self.pairs
+            ]
             self.pairs = [(i, o[0] if o else c) for (i, c), o in zip(self.pairs, ordered, strict=True)]
             matches = [o[1] if o else None for o in ordered]
         self.attention = phrase_targets(
@@ -250,8 +257,6 @@ class CaptionCollator:
         self.separators: set[int] | None = None  # phrase ends, once pairs bring attention targets
 
     def __call__(self, items: Sequence[Pair]) -> CaptionBatch:
-        from training.caption.attention import separator_ids, token_targets
-
         images = torch.stack([image for image, _, _ in items]).float()
         input_ids, attention_mask = self.tokenizer.batch_encode([c for _, c, _ in items], self.max_tokens)
         targets = [t for _, _, t in items if t is not None]

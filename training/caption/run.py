@@ -44,7 +44,7 @@ from snap2caption.models.caption.decoding import repeated_bigrams
 from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, MlpMapping, build_tokenizer
-from snap2caption.models.domain import DomainModel, fit_domain
+from snap2caption.models.domain import DomainModel, fit_domain, min_calibration_images
 from snap2caption.monitoring.reference import (
     REFERENCE_FILE,
     DriftReference,
@@ -575,7 +575,7 @@ def describe_domain(
         enough to calibrate the rate.
     """
     alpha = config.train.domain_false_rejection_rate
-    need = int(np.ceil(1.0 / alpha)) - 1
+    need = min_calibration_images(alpha)
     if splits.val is None or len(splits.val) < need:
         found = len(splits.val) if splits.val is not None else 0
         logger.warning(
