@@ -22,7 +22,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from snap2caption.data.synth import COLOURS, PLURALS, SHAPES
 from snap2caption.metrics import MeteorScorer, Scorer, evaluate_captions
 from snap2caption.models.caption import Caption, Captioner
 from snap2caption.models.caption.model import CaptionModel
+from snap2caption.models.caption.views import caption_views, flip_pixels
 from training.caption.data import SplitData, image_loader
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ def caption_batches(
         model: The model in training (put back in its previous train/eval mode afterwards), or a runtime
             loaded from an artifact (``snap2caption.models.caption.load``; pixels only).
         batches: Image inputs.
-        is_features: Whether the batches are encoder features (else pixels).
+        is_features: Whether the batches are encoder features (else pixels). A model in training captions
+            pixels over its ``decoding.views`` (mirroring them here), features from the one view given.
         num_beams: Beams (0 = the model's ``decoding.num_beams``).
         device: Where to run (default: the model's device).
         progress: Show a tqdm bar (None: only on a terminal).
@@ -193,7 +195,7 @@ def caption_batches(
                 elif is_features:
                     out += model.generate(features=batch.to(device).float(), num_beams=beams)
                 else:
-                    out += model.generate(batch.to(device).float(), num_beams=beams)
+                    out += _pixel_captions(model, batch.to(device).float(), beams)
                 bar.update(batch.shape[0])
     finally:
         if isinstance(model, CaptionModel):
@@ -201,11 +203,23 @@ def caption_batches(
     return out
 
 
+def _pixel_captions(model: CaptionModel, pixels: Tensor, beams: int | None) -> list[Caption]:
+    """A batch of pixels captioned by the model in training over its decoding's views (mirrored here)."""
+    settings = model.config.decoding
+
+    def decode_view(view: int, rows: list[int]) -> list[Caption]:
+        return model.generate(flip_pixels(pixels[rows], view), num_beams=beams)
+
+    first = model.generate(pixels, num_beams=beams)
+    return caption_views(first, decode_view, settings.views, settings.views_below)
+
+
 def evaluate_split(
     model: CaptionModel | Captioner,
     split: SplitData,
     *,
     features: Tensor | None = None,
+    mirrored: Callable[[int, list[int]], Tensor] | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     num_beams: int = 0,
@@ -222,6 +236,9 @@ def evaluate_split(
         split: The images and references.
         features: (N, C, h, w) precomputed encoder features of ``split`` (frozen encoder), else the images
             are decoded and preprocessed with ``model.preprocess`` (the serving path).
+        mirrored: With ``features`` and a model in training: ``(view, rows) -> features`` of those images
+            mirrored as the view sees them, so the unsure ones are captioned over the model's
+            ``decoding.views`` as the runtimes serve them (without it, features give one view).
         batch_size: Images per generate call.
         num_workers: Decoding workers (pixel path).
         num_beams: Beams (0 = the model's default).
@@ -246,6 +263,14 @@ def evaluate_split(
         progress=progress,
         total=len(split),
     )
+    if features is not None and mirrored is not None and isinstance(model, CaptionModel):
+        settings = model.config.decoding
+
+        def decode_view(view: int, rows: list[int]) -> list[Caption]:
+            grids = mirrored(view, rows).split(batch_size)
+            return caption_batches(model, grids, is_features=True, num_beams=num_beams)
+
+        captions = caption_views(captions, decode_view, settings.views, settings.views_below)
     predictions = {image_id: c.text for image_id, c in zip(split.image_ids, captions, strict=True)}
     references = split.references()
     scores = evaluate_captions(references, predictions, scorer=scorer, metrics=metrics, meteor=meteor)

@@ -112,6 +112,12 @@ def model_card(
     if lora["enabled"]:
         decoder += f", LoRA r={lora['r']} merged into the weights"
     search = "greedy" if decoding["num_beams"] == 1 else f"{decoding['num_beams']} beams"
+    views = decoding.get("views", 1)
+    if views > 1:
+        search += (
+            f"; an image whose caption's raw confidence is below {decoding['views_below']} is captioned again"
+            f" mirrored ({views} views in all) and gets the caption the views agree on"
+        )
     images = ", ".join(f"{k} {v}" for k, v in data.images.items())
     n_captions = train["captions_per_image"]
     per_image = f"the first {n_captions} caption(s) of each image" if n_captions else "every caption"

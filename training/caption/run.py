@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ from snap2caption.models.caption.decoding import repeated_bigrams
 from snap2caption.models.caption.domain import DOMAIN_FEATURE, pooled_prefix
 from snap2caption.models.caption.export import export_for_serving
 from snap2caption.models.caption.model import CaptionModel, MlpMapping, build_tokenizer
+from snap2caption.models.caption.views import flip_pixels
 from snap2caption.models.domain import DomainModel, fit_domain, min_calibration_images
 from snap2caption.monitoring.reference import (
     REFERENCE_FILE,
@@ -208,26 +209,39 @@ def train_caption(
             out = Path(config.run.out)
             return RunResult(out, out / "model", state, None, None, None, timings)
         held_out: dict[str, Tensor] = {}
-        if uses_cached_features(config):
-            with timed(timings, "encode_s"):
-                held_out = encode_held_out(config, model, splits, device)
-        test = None
-        if splits.test is not None:
-            with timed(timings, "test_s"):
-                test = test_model(config, model, splits.test, progress, held_out.get("test"))
-            callbacks.on_test_end(trainer, test)
-        with timed(timings, "domain_s"):
-            domain = describe_domain(
-                config, model, splits, pairs, val_features, provenance, tracker, held_out.get("test")
-            )
-        calibration = None
-        if splits.val is not None and len(splits.val):
-            with timed(timings, "calibration_s"):
-                calibration = calibrate_confidence(
-                    config, model, splits.val, splits.test, test, progress, held_out.get("val")
+        mirrored: dict[str, Mirrored] = {}
+        with contextlib.ExitStack() as stack:  # the held-out encoder stays open for the mirrored views
+            if uses_cached_features(config):
+                run = stack.enter_context(held_out_runner(config, model, device))
+                with timed(timings, "encode_s"):
+                    held_out = encode_held_out(config, model, splits, device, run)
+                mirrored = mirrored_grids(config, model, splits, run)
+            test = None
+            if splits.test is not None:
+                with timed(timings, "test_s"):
+                    test = test_model(
+                        config, model, splits.test, progress, held_out.get("test"), mirrored.get("test")
+                    )
+                callbacks.on_test_end(trainer, test)
+            with timed(timings, "domain_s"):
+                domain = describe_domain(
+                    config, model, splits, pairs, val_features, provenance, tracker, held_out.get("test")
                 )
-            if tracker is not None:
-                tracker.log_metrics(calibration_metrics(calibration), state.step)
+            calibration = None
+            if splits.val is not None and len(splits.val):
+                with timed(timings, "calibration_s"):
+                    calibration = calibrate_confidence(
+                        config,
+                        model,
+                        splits.val,
+                        splits.test,
+                        test,
+                        progress,
+                        held_out.get("val"),
+                        mirrored.get("val"),
+                    )
+                if tracker is not None:
+                    tracker.log_metrics(calibration_metrics(calibration), state.step)
         with timed(timings, "save_s"):
             artifact, training = save_artifact(
                 config, trainer, test, calibration, provenance, tracker, timings, started, domain
@@ -498,23 +512,37 @@ def start_tracking(
     )
 
 
+# ``(view, rows) -> grids`` of a held-out split's images at those rows, mirrored as the view sees them.
+Mirrored = Callable[[int, list[int]], Tensor]
+
+
+@contextlib.contextmanager
+def held_out_runner(
+    config: CaptionRunConfig, model: CaptionModel, device: torch.device
+) -> Iterator[Callable[[Tensor], Tensor]]:
+    """The frozen encoder on the runtime that cached the training features (ONNX Runtime on a CPU: ~3x
+    eager PyTorch), for the phases after training."""
+    runtime = config.train.feature_runtime if device.type == "cpu" else "torch"
+    with encoder_runner(model.encoder, runtime, device) as run:
+        yield run
+
+
 def encode_held_out(
-    config: CaptionRunConfig, model: CaptionModel, splits: Splits, device: torch.device
+    config: CaptionRunConfig,
+    model: CaptionModel,
+    splits: Splits,
+    device: torch.device,
+    run: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The frozen encoder's float32 grids of the test (its first ``train.test_max_images``) and validation
     images, decoded from their files as the served model decodes them, each computed once for every
-    phase after training (test, domain, calibration), by the runtime that cached the training features
-    (ONNX Runtime on a CPU: ~3x eager PyTorch; measured on 2 cores the three phases took ~95 s when each
-    ran the eager encoder over its images, the test images twice)."""
+    phase after training (test, domain, calibration), by ``run`` (default: :func:`held_out_runner`;
+    measured on 2 cores the three phases took ~95 s when each ran the eager encoder over its images, the
+    test images twice)."""
     cfg = config.train
-    runtime = cfg.feature_runtime if device.type == "cpu" else "torch"
-    test = splits.test.head(cfg.test_max_images) if splits.test is not None else None
-    wanted = {
-        name: split
-        for name, split in (("test", test), ("val", splits.val))
-        if split is not None and len(split)
-    }
-    with encoder_runner(model.encoder, runtime, device) as run:  # one ONNX export for both splits
+    with contextlib.ExitStack() as stack:
+        if run is None:
+            run = stack.enter_context(held_out_runner(config, model, device))
         return {
             name: extract_features(
                 model.encoder,
@@ -526,8 +554,32 @@ def encode_held_out(
                 progress=False,
                 run=run,
             )
-            for name, split in wanted.items()
+            for name, split in _held_out_splits(config, splits).items()
         }
+
+
+def mirrored_grids(
+    config: CaptionRunConfig, model: CaptionModel, splits: Splits, run: Callable[[Tensor], Tensor]
+) -> dict[str, Mirrored]:
+    """Per held-out split, the grids of its images mirrored (:mod:`snap2caption.models.caption.views`),
+    encoded by ``run`` when asked: only the images whose first caption is unsure are (about a quarter of
+    the starter's; all of them took 40 s more on 2 cores)."""
+    cfg = config.train
+
+    def mirrored(paths: list[Path]) -> Mirrored:
+        def grids(view: int, rows: list[int]) -> Tensor:
+            loader = image_loader([paths[i] for i in rows], model.preprocess, cfg.feature_batch_size, 0)
+            return torch.cat([run(flip_pixels(pixels, view)).to("cpu", torch.float32) for pixels in loader])
+
+        return grids
+
+    return {name: mirrored(list(split.paths)) for name, split in _held_out_splits(config, splits).items()}
+
+
+def _held_out_splits(config: CaptionRunConfig, splits: Splits) -> dict[str, SplitData]:
+    test = splits.test.head(config.train.test_max_images) if splits.test is not None else None
+    wanted = (("test", test), ("val", splits.val))
+    return {name: split for name, split in wanted if split is not None and len(split)}
 
 
 def test_model(
@@ -536,15 +588,18 @@ def test_model(
     test: SplitData,
     progress: bool | None,
     features: Tensor | None = None,
+    mirrored: Mirrored | None = None,
 ) -> EvalResult:
     """The final model on (the first ``train.test_max_images`` of) the test split, scored by
     ``train.metrics_scorer``: the metrics the registry's gate reads. ``features``: that split's encoder
-    grids (:func:`encode_held_out`), else the images are encoded here."""
+    grids (:func:`encode_held_out`), else the images are encoded here; ``mirrored``: its mirrored grids
+    (:func:`mirrored_grids`), for the model's ``decoding.views``."""
     cfg = config.train
     return evaluate_split(
         model,
         test.head(cfg.test_max_images),
         features=features,
+        mirrored=mirrored,
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers,
         num_beams=cfg.eval_num_beams,
@@ -659,6 +714,7 @@ def calibrate_confidence(
     test: EvalResult | None,
     progress: bool | None,
     val_features: Tensor | None = None,
+    mirrored: Mirrored | None = None,
 ) -> Calibration:
     """Fit the caption confidence's calibration on the validation split; measure its ECE held out.
 
@@ -669,13 +725,15 @@ def calibrate_confidence(
     same decoding unless ``train.eval_num_beams`` changed it). Without such test captions it is fitted on the
     even-numbered validation images and measured on the odd ones.
 
-    ``val_features``: the validation images' encoder grids from their files (:func:`encode_held_out`).
+    ``val_features``: the validation images' encoder grids from their files (:func:`encode_held_out`);
+    ``mirrored``: their mirrored grids (:func:`mirrored_grids`), for the model's ``decoding.views``.
     """
     cfg = config.train
     result = evaluate_split(
         model,
         val,
         features=val_features,
+        mirrored=mirrored,
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers,
         scorer="python",

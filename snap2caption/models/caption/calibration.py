@@ -122,7 +122,10 @@ class Calibration:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             **dataclasses.asdict(self),
-            "input": "geometric-mean token probability of the caption (greedy decoding, as served)",
+            "input": (
+                "geometric-mean token probability of the caption, decoded as served (for an image captioned"
+                " over mirrored views, the mean over the views of the agreeing views' probabilities)"
+            ),
             "formula": "sigmoid(slope * logit(raw) + intercept)",
             "binning": BINNING,
         }

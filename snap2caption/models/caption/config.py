@@ -148,6 +148,11 @@ class TokenizerConfig:
     max_caption_tokens: int = 32
 
 
+# The starter's views of unsure images (:mod:`~snap2caption.models.caption.views`); DecodingConfig()
+# alone takes one view.
+STARTER_VIEWS: dict[str, Any] = {"views": 4, "views_below": 0.985}
+
+
 @dataclass
 class CaptionConfig:
     """Everything that defines a caption model's architecture and decoding; training settings live elsewhere.
@@ -170,7 +175,7 @@ class CaptionConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(**STARTER_VIEWS))
 
     def __post_init__(self) -> None:
         self.validate()

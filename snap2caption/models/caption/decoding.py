@@ -45,6 +45,12 @@ class DecodingConfig:
         repeatable_bigrams: The token pairs some training caption holds twice or more (``[[first,
             second], ...]``), written by training when ``limit_repeats`` is on and kept in the artifact;
             None (nothing learned, e.g. an untrained model or an older artifact) limits nothing.
+        views: Views of an unsure image captioned, the image itself first, then mirrored left-right,
+            top-bottom, both (:mod:`~snap2caption.models.caption.views`); 1 = the image alone. Applied by
+            the runtimes and the evaluation around the decode loop (:meth:`CaptionModel.generate` decodes one
+            view).
+        views_below: A caption's other views are made when its raw confidence (geometric-mean token
+            probability) is below this; 1.0 makes them for (almost) every image.
     """
 
     max_new_tokens: int = 24
@@ -55,6 +61,12 @@ class DecodingConfig:
     min_new_tokens: int = 1
     limit_repeats: bool = False
     repeatable_bigrams: list[list[int]] | None = None
+    views: int = 1
+    views_below: float = 1.0
+
+
+# Most views of :attr:`DecodingConfig.views`: the image and its three mirrors.
+MAX_VIEWS = 4
 
 
 def decoding_problems(s: DecodingConfig) -> list[str]:
@@ -69,6 +81,10 @@ def decoding_problems(s: DecodingConfig) -> list[str]:
         problems.append(f"decoding.min_new_tokens must be in [0, max_new_tokens], got {s.min_new_tokens}")
     if any(len(pair) != 2 or min(pair) < 0 for pair in s.repeatable_bigrams or []):
         problems.append("decoding.repeatable_bigrams must hold [first, second] pairs of token ids")
+    if not 1 <= s.views <= MAX_VIEWS:
+        problems.append(f"decoding.views must be in [1, {MAX_VIEWS}], got {s.views}")
+    if not 0 < s.views_below <= 1:
+        problems.append(f"decoding.views_below must be in (0, 1], got {s.views_below}")
     return problems
 
 
@@ -102,7 +118,9 @@ class Caption:
         token_ids: Its token ids, without BOS/EOS.
         confidence: Mean log-probability per generated token (EOS included when generated), under the
             model's own distribution before any repetition/length control: in (-inf, 0], higher is surer;
-            ``math.exp(confidence)`` is the geometric-mean token probability.
+            ``math.exp(confidence)`` is the geometric-mean token probability. For an image captioned over
+            mirrored views (``views``), the log of the views' mean probability for this caption
+            (:func:`~snap2caption.models.caption.views.combine`).
         n_tokens: ``len(token_ids)``.
         in_domain: Whether the image is inside the model's training domain (its artifact's domain model,
             :mod:`snap2caption.models.domain`); ``None`` when the artifact has none.

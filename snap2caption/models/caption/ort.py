@@ -41,6 +41,7 @@ from snap2caption.models.caption.files import (
     read_artifact_info,
 )
 from snap2caption.models.caption.tokenizer import CaptionTokenizer
+from snap2caption.models.caption.views import caption_views, flip_pixels
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -133,12 +134,21 @@ class OrtCaptioner:
             problems.append(f"max_new_tokens must be <= {self.max_new_tokens_limit} for this model")
         if problems:
             raise ValueError("; ".join(problems))
+        captions, prefix = self._decode(pixels, settings)
+
+        def decode_view(view: int, rows: list[int]) -> list[Caption]:
+            return self._decode(flip_pixels(pixels[rows], view), settings)[0]
+
+        captions = caption_views(captions, decode_view, settings.views, settings.views_below)
+        return with_domain(calibrate(captions, self.calibration), prefix, self.domain)
+
+    def _decode(self, pixels: np.ndarray, settings: DecodingConfig) -> tuple[list[Caption], np.ndarray]:
+        """One view: the uncalibrated captions, and the (B, P, D) prefix."""
         (prefix,) = self.encoder.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})  # (B, P, D)
         bos = np.broadcast_to(self.wte[self.special.bos], (prefix.shape[0], 1, prefix.shape[2]))
         prompt = np.concatenate([prefix, bos], axis=1)  # (B, P + 1, D)
         results = generate_numpy(prompt, self, self.special, settings)
-        captions = [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results]
-        return with_domain(calibrate(captions, self.calibration), prefix, self.domain)
+        return [make_caption(ids, s, n, self.special, self.tokenizer.decode) for ids, s, n in results], prefix
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(N,) token ids -> (N, 1, D) embeddings."""

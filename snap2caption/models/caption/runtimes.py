@@ -24,6 +24,7 @@ from snap2caption.models.caption.calibration import Calibration, calibrate, read
 from snap2caption.models.caption.decoding import Caption, DecodingConfig
 from snap2caption.models.caption.domain import read_domain, with_domain
 from snap2caption.models.caption.files import REQUIRED_FILES, has_onnx
+from snap2caption.models.caption.views import caption_views, flip_pixels
 from snap2caption.models.runtime import artifact_folder
 
 if TYPE_CHECKING:
@@ -150,10 +151,17 @@ class TorchCaptioner:
     ) -> list[Caption]:
         import torch
 
+        settings = self.decoding
         with torch.inference_mode():
             # The prefix is computed once: the decoder's prompt and the domain check's feature.
             prefix = self.model.encode(torch.from_numpy(pixels).to(self.device))  # (B, P, D)
             captions = self.model.generate(prefix=prefix, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+            def decode_view(view: int, rows: list[int]) -> list[Caption]:
+                mirrored = torch.from_numpy(flip_pixels(pixels[rows], view)).to(self.device)
+                return self.model.generate(mirrored, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+            captions = caption_views(captions, decode_view, settings.views, settings.views_below)
             captions = calibrate(captions, self.calibration)
             if self.domain is None:
                 return captions

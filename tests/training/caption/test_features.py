@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -138,28 +139,29 @@ def test_onnxruntime_computes_the_same_features(caption_data: Path, tmp_path: Pa
     torch.testing.assert_close(by_onnx, by_torch, rtol=1e-4, atol=1e-4)
 
 
+def frozen_tiny(caption_data: Path, tmp_path: Path, *overrides: str) -> tuple[Any, Any, Any]:
+    """(config, splits, model) of an untrained ``tiny`` run with a frozen encoder, and ``overrides``."""
+    from training.caption.config import CaptionRunConfig
+    from training.caption.run import build_model, load_splits
+
+    base = [f"run.data={caption_data}", f"run.out={tmp_path}", "model.encoder.trainable=none"]
+    config = CaptionRunConfig.load("tiny", [*base, *overrides])
+    splits = load_splits(config)
+    return config, splits, build_model(config, splits, None, torch.device("cpu"))
+
+
 def test_the_phases_after_training_encode_each_held_out_image_once_from_its_file(
     caption_data: Path, tmp_path: Path
 ) -> None:
     """Test, domain and calibration read one set of grids per split, made from the image files by the
     runtime that cached the training features (the test images were encoded twice, eagerly)."""
-    from training.caption.config import CaptionRunConfig
     from training.caption.data import image_loader
-    from training.caption.run import build_model, encode_held_out, load_splits
+    from training.caption.run import encode_held_out
 
-    config = CaptionRunConfig.load(
-        "tiny",
-        [
-            f"run.data={caption_data}",
-            f"run.out={tmp_path}",
-            "model.encoder.trainable=none",
-            "train.feature_runtime=onnxruntime",
-            "train.test_max_images=2",
-        ],
+    config, splits, model = frozen_tiny(
+        caption_data, tmp_path, "train.feature_runtime=onnxruntime", "train.test_max_images=2"
     )
-    splits = load_splits(config)
     assert splits.test is not None and splits.val is not None and len(splits.test) > 2
-    model = build_model(config, splits, None, torch.device("cpu"))
     held_out = encode_held_out(config, model, splits, torch.device("cpu"))
     assert set(held_out) == {"test", "val"} and held_out["val"].shape[0] == len(splits.val)
     pixels = next(iter(image_loader(splits.test.paths[:2], model.preprocess, 2, 0)))
@@ -167,3 +169,48 @@ def test_the_phases_after_training_encode_each_held_out_image_once_from_its_file
         expected = model.encoder(pixels)
     assert held_out["test"].dtype == torch.float32
     torch.testing.assert_close(held_out["test"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mirrored_grids_encode_the_rows_asked_for_as_their_view_sees_them(
+    caption_data: Path, tmp_path: Path
+) -> None:
+    """The views of unsure held-out images are encoded on demand by the same runtime, mirrored."""
+    from training.caption.data import image_loader
+    from training.caption.run import held_out_runner, mirrored_grids
+
+    config, splits, model = frozen_tiny(caption_data, tmp_path, "train.feature_runtime=onnxruntime")
+    assert splits.val is not None and len(splits.val) > 2
+    with held_out_runner(config, model, torch.device("cpu")) as run:
+        grids = mirrored_grids(config, model, splits, run)["val"](3, [2, 0])
+    pixels = next(iter(image_loader(splits.val.paths, model.preprocess, len(splits.val), 0)))
+    with torch.inference_mode():
+        expected = model.encoder(pixels[[2, 0]].flip(-1, -2))  # view 3: both mirrors
+        unmirrored = model.encoder(pixels[[2, 0]])
+    torch.testing.assert_close(grids, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(grids, unmirrored, rtol=1e-3, atol=1e-3)
+
+
+def test_the_test_and_calibration_caption_unsure_images_over_their_views(
+    caption_data: Path, tmp_path: Path
+) -> None:
+    """Given mirrored grids, the evaluation asks for each further view of the unsure images (all of them,
+    below 1.0) and combines them; grids that do not change with the view agree with the one view."""
+    from training.caption.evaluate import evaluate_split
+    from training.caption.run import encode_held_out
+
+    overrides = ("train.feature_runtime=torch", "model.decoding.views=3", "model.decoding.views_below=1.0")
+    config, splits, model = frozen_tiny(caption_data, tmp_path, *overrides)
+    assert splits.val is not None
+    grids = encode_held_out(config, model, splits, torch.device("cpu"))["val"]
+    asked: list[tuple[int, list[int]]] = []
+
+    def mirrored(view: int, rows: list[int]) -> torch.Tensor:
+        asked.append((view, rows))
+        return grids[rows]
+
+    views = evaluate_split(model, splits.val, features=grids, mirrored=mirrored, metrics=["CIDEr-D"])
+    one = evaluate_split(model, splits.val, features=grids, metrics=["CIDEr-D"])
+    everyone = list(range(len(splits.val)))
+    assert asked == [(1, everyone), (2, everyone)]
+    assert views.predictions == one.predictions
+    assert views.confidences == pytest.approx(one.confidences, rel=1e-5)
