@@ -150,7 +150,7 @@ class TokenizerConfig:
 
 # The starter's views of unsure images (:mod:`~snap2caption.models.caption.views`); DecodingConfig()
 # alone takes one view.
-STARTER_VIEWS: dict[str, Any] = {"views": 4, "views_below": 0.985}
+STARTER_VIEWS: dict[str, Any] = {"views": 3, "views_below": 0.985}
 
 
 @dataclass

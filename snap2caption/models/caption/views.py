@@ -11,10 +11,10 @@ image gets the likeliest caption of the best group, with that score as its raw c
 artifact's calibration then maps). Sure captions (at or above ``views_below``) are served from the one view.
 
 Measured on 988 held-out synthetic scenes of a seed no training saw, two starter models, ONNX Runtime (README,
-caption model): every (colour, shape) pair right on 91.3 and 89.6 % of the scenes from one view, 96.2 and
-95.9 % with 4 views below raw confidence 0.985 (22 and 27 % of the scenes made again), 97.4 and 96.3 % with 4
-views for every scene. On 1 CPU thread a view costs about as much as the first (25 ms per image; 4 views
-batched 96 ms).
+caption model): every (colour, shape) pair right on 91.3 and 89.6 % of the scenes from one view; 96.0 and
+95.0 % with 3 views below raw confidence 0.985 (the starter; 22 and 27 % of the scenes made again), 96.2 and
+95.9 % with 4; 97.4 and 96.3 % with 4 views for every scene. On 1 CPU thread a view costs about as much as
+the first (25 ms per image; 4 views batched 96 ms).
 
 No torch here: the torch and ONNX runtimes and the training evaluation all call :func:`caption_views`.
 """

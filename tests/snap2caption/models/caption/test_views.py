@@ -87,7 +87,7 @@ def test_views_are_checked() -> None:
     assert decoding_problems(DecodingConfig(views=0))
     assert decoding_problems(DecodingConfig(views_below=0.0))
     assert decoding_problems(DecodingConfig(views_below=1.5))
-    assert CaptionConfig().decoding.views == 4  # the starter's
+    assert CaptionConfig().decoding.views == 3  # the starter's
     assert DecodingConfig().views == 1
 
 
